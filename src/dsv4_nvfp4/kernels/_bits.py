@@ -1,0 +1,200 @@
+"""Exact bit-level building blocks shared by the Triton kernels.
+
+Why integer arithmetic: Triton's interpreter (the CPU CI) converts float→fp8
+and float→bf16 inexactly (no carry into the exponent, subnormals truncated,
+ties rounded up), and on the GPU Triton's ``/`` is an approximate division.
+Every rounding step here is therefore spelled out on the IEEE bit patterns
+with integer operations, which numpy (interpreter) and the GPU evaluate
+identically, so one code path is bit-exact on both. Divisions use
+``tl.math.div_rn`` (IEEE round-to-nearest on the GPU, numpy's true division
+in the interpreter).
+
+All shifts are by constants or clamped amounts below 32 (the earlier attempt
+shifted an int32 by 32, which is poison in LLVM).
+
+The functions mirror :mod:`dsv4_nvfp4.formats`:
+
+* :func:`e4m3_encode_bits` = ``formats.encode_ue4m3`` (clamp to 448, RNE,
+  NaN → 0x7F) for non-negative inputs;
+* :func:`e4m3_decode` = ``formats.decode_ue4m3``;
+* :func:`e2m1_encode` = ``formats.e2m1_encode`` (RNE ties to even, saturate
+  to ±6, NaN → 7, -0.0 → 0, negative values that round to zero → 8);
+* :func:`e2m1_decode` = ``formats.e2m1_decode`` (code 8 → -0.0);
+* :func:`f32_to_bf16_bits` = torch's fp32 → bf16 cast (RNE, NaN → 0x7FC0).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Constants appear as literals inside the jit functions (Triton reads only
+# constexpr globals). fp32 bits: 448.0 = 0x43E00000, +inf = 0x7F800000,
+# 0.25 = 0x3E800000, 0.75 = 0x3F400000, 1.25 = 0x3FA00000, 1.75 = 0x3FE00000,
+# 2.5 = 0x40200000, 3.5 = 0x40600000, 5.0 = 0x40A00000, 0.5 = 0x3F000000.
+
+
+@triton.jit
+def f32_bits(x):
+    """fp32 tensor → its int32 bit pattern."""
+    return x.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def bits_f32(b):
+    """int32 bit pattern → fp32 tensor."""
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def load_as_f32(ptrs, mask, IS_BF16: tl.constexpr):
+    """Load bf16 (passed as int16 bits) or fp16 values and widen them to fp32 exactly.
+
+    bf16 → fp32 is a 16-bit left shift of the bits; doing it by hand avoids the
+    interpreter's float conversion and costs one instruction on the GPU.
+    """
+    if IS_BF16:
+        raw = tl.load(ptrs, mask=mask, other=0)
+        return bits_f32(raw.to(tl.int32) << 16)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def abs_bits(x):
+    """|x| as int32 bits. Their integer max is the float max, with NaN above +inf.
+
+    torch's ``amax`` propagates NaN; an integer max over these bits does too,
+    where Triton's float max may not.
+    """
+    return f32_bits(x) & 0x7FFFFFFF
+
+
+@triton.jit
+def _rne_shift(sig, s):
+    """``sig >> s`` rounded to nearest, ties to even; ``1 <= s <= 25``, ``sig < 2**25``."""
+    q = sig >> s
+    rem = sig & ((1 << s) - 1)
+    half = 1 << (s - 1)
+    up = (rem > half) | ((rem == half) & ((q & 1) == 1))
+    return q + up.to(tl.int32)
+
+
+@triton.jit
+def e4m3_encode_bits(v):
+    """Non-negative fp32 (or NaN) → UE4M3 byte (int32 0..0x7F), exactly ``formats.encode_ue4m3``.
+
+    Values above 448 (and +inf) saturate to 0x7E; NaN gives 0x7F. Normal E4M3
+    range (v >= 2**-6): keep the top 3 mantissa bits, round the other 20 to
+    nearest even; a carry out of the mantissa moves into the exponent because
+    exponent and mantissa are added as one integer. Subnormal range: round
+    v / 2**-9 to an integer (shift 21..25), which may carry to 8 = 0x08 = 2**-6.
+    """
+    b = f32_bits(v) & 0x7FFFFFFF
+    e = b >> 23
+    m = b & 0x7FFFFF
+    # Normal E4M3: biased exponent e-127+7 = e-120, in 1..15 once clamped to 448.
+    normal = ((e - 120) << 3) + _rne_shift(m, 20)
+    # Subnormal E4M3: value / 2**-9 = (2**23 + m) * 2**(e - 141); fp32 subnormals (e == 0) → 0.
+    sig = tl.where(e > 0, m | 0x800000, m)
+    s = tl.minimum(141 - e, 25)
+    s = tl.maximum(s, 21)
+    sub = _rne_shift(sig, s)
+    code = tl.where(e >= 121, normal, sub)
+    code = tl.where(b > 0x43E00000, 0x7E, code)
+    code = tl.where(b > 0x7F800000, 0x7F, code)
+    return code
+
+
+@triton.jit
+def e4m3_decode(code):
+    """E4M3 byte (int32 0..0xFF) → fp32 exactly, like ``formats.decode_ue4m3``; 0x7F/0xFF → NaN.
+
+    The sign bit is honoured so that any byte decodes as torch does, although
+    block scales are never negative.
+    """
+    c = code & 0x7F
+    exp = c >> 3
+    man = c & 7
+    normal = ((exp + 120) << 23) | (man << 20)
+    sub = f32_bits(man.to(tl.float32) * 0.001953125)  # man * 2**-9, exact
+    mag = tl.where(exp == 0, sub, normal)
+    mag = tl.where(c == 0x7F, 0x7FC00000, mag)
+    return bits_f32(mag | ((code & 0x80) << 24))
+
+
+@triton.jit
+def e2m1_encode(y):
+    """fp32 → E2M1 code (int32 0..15), exactly ``formats.e2m1_encode``.
+
+    Counting the thresholds below |y| on the int32 bits gives the magnitude
+    code 0..7 with round-half-to-even (strict ``>`` where a tie goes down,
+    ``>=`` where it goes up); values above 5 give 7 (saturation), and NaN's
+    bits exceed every threshold, so NaN also gives 7. The sign is set only for
+    ``y < 0`` (so -0.0 and NaN stay positive, a negative value rounding to
+    zero becomes 8), as ModelOpt does.
+    """
+    a = f32_bits(y) & 0x7FFFFFFF
+    idx = ((a > 0x3E800000).to(tl.int32) + (a >= 0x3F400000).to(tl.int32)
+           + (a > 0x3FA00000).to(tl.int32) + (a >= 0x3FE00000).to(tl.int32)
+           + (a > 0x40200000).to(tl.int32) + (a >= 0x40600000).to(tl.int32)
+           + (a > 0x40A00000).to(tl.int32))
+    return idx | tl.where(y < 0.0, 8, 0)
+
+
+@triton.jit
+def e2m1_decode(code):
+    """E2M1 code (int32, low 4 bits) → fp32 value; code 8 is -0.0 like ``formats``.
+
+    Magnitude codes 2..7 are the normal numbers 2**((c >> 1) - 1) · (1 + (c & 1)/2),
+    code 1 is 0.5, code 0 is 0.
+    """
+    c = code & 7
+    normal = (((c >> 1) + 126) << 23) | ((c & 1) << 22)
+    mag = tl.where(c >= 2, normal, tl.where(c == 1, 0x3F000000, 0))
+    return bits_f32(mag | ((code & 8) << 28))
+
+
+@triton.jit
+def f32_to_bf16_bits(x):
+    """fp32 → bf16 bits (int32 0..0xFFFF), round to nearest even like torch; NaN → 0x7FC0.
+
+    (torch's scalar path also gives 0x7FC0 for every NaN; its vectorised CPU
+    and CUDA casts may pick another NaN pattern, so tests compare NaN by NaN-ness.)
+    """
+    b = f32_bits(x)
+    u = (b >> 16) & 0xFFFF
+    low = b & 0xFFFF
+    up = (low > 0x8000) | ((low == 0x8000) & ((u & 1) == 1))
+    r = (u + up.to(tl.int32)) & 0xFFFF
+    is_nan = (b & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(is_nan, 0x7FC0, r)
+
+
+@triton.jit
+def pack_nibbles(codes, R: tl.constexpr, N: tl.constexpr):
+    """E2M1 codes ``[R, N]`` (int32) → bytes ``[R, N/2]`` (uint8), element 2i in the low nibble."""
+    lo, hi = tl.split(tl.reshape(codes, [R, N // 2, 2]))
+    return (lo | (hi << 4)).to(tl.uint8)
+
+
+@triton.jit
+def pack_sf_words(sf_bytes, R: tl.constexpr, G: tl.constexpr):
+    """Scale bytes ``[R, G]`` (int32 0..255) → int32 words ``[R, G/4]``.
+
+    Byte i of word j is group 4j+i (little-endian, ``formats.pack_sf_bytes_to_int32``).
+
+    Shifts are 0, 8, 16, 24 within one 32-bit word (never 32 or more); the
+    bytes occupy disjoint bits, so the sum is an exact OR.
+    """
+    quads = tl.reshape(sf_bytes, [R, G // 4, 4]).to(tl.uint32)
+    shifts = (tl.arange(0, 4) * 8).to(tl.uint32)
+    words = tl.sum(quads << shifts[None, None, :], axis=2)
+    return words.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def div_rn(x, y):
+    """IEEE round-to-nearest ``x / y`` with broadcasting (Triton's plain ``/`` is approximate)."""
+    x, y = tl.broadcast(x, y)
+    return tl.math.div_rn(x, y)

@@ -1,0 +1,61 @@
+"""Tile shapes for the kernels. Results never depend on them (tests check several).
+
+On the GPU a program handles a few thousand elements with 16-byte loads; in
+Triton's CPU interpreter every program instance costs milliseconds of Python,
+so there the tiles are made much larger.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """``rows`` tokens (or weight rows) × ``block`` columns per program."""
+
+    rows: int
+    block: int
+    num_warps: int = 4
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two that divides ``n`` (n > 0), at most ``cap``."""
+    return min(n & -n, cap)
+
+
+# GPU defaults (H100, chosen with benchmarks/kernels_bench.py).
+GPU_STAGING_BLOCK = 1024
+GPU_STAGING_ROWS = 2
+GPU_PER_TOKEN_ROWS = 1
+GPU_DEQUANT_BLOCK = 1024
+GPU_DEQUANT_ROWS = 2
+# Interpreter: few, large programs.
+CPU_TILE_ELEMS = 1 << 16
+
+
+def staging_tile(hidden: int, *, per_token: bool) -> TileConfig:
+    """Tile for the staging kernels; ``hidden % 64 == 0`` so ``block`` divides it and is >= 64."""
+    if interpreting():
+        block = pow2_divisor(hidden, 8192)
+        return TileConfig(rows=max(1, CPU_TILE_ELEMS // block), block=block)
+    block = pow2_divisor(hidden, GPU_STAGING_BLOCK)
+    rows = GPU_PER_TOKEN_ROWS if per_token else GPU_STAGING_ROWS
+    rows = max(rows, GPU_STAGING_BLOCK * rows // block)  # keep small-H tiles large enough
+    return TileConfig(rows=rows, block=block)
+
+
+def dequant_tile(k: int) -> TileConfig:
+    """Tile for the dequant kernel; ``k % 16 == 0`` so ``block`` divides it and is >= 16."""
+    if interpreting():
+        block = pow2_divisor(k, 8192)
+        return TileConfig(rows=max(1, CPU_TILE_ELEMS // block), block=block)
+    block = pow2_divisor(k, GPU_DEQUANT_BLOCK)
+    rows = max(GPU_DEQUANT_ROWS, GPU_DEQUANT_BLOCK * GPU_DEQUANT_ROWS // block)
+    return TileConfig(rows=rows, block=block)

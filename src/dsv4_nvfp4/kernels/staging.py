@@ -1,0 +1,268 @@
+"""NVFP4 activation staging: BF16/FP16 hidden states → the DeepGEMM mega-MoE input buffer.
+
+What the SM100 NVFP4 mega-MoE (upstream DeepGEMM ``fp4_fp4_mega_moe``, buffer
+``mma_type='fp4xfp4'``) reads from its symmetric buffer for ``T`` local tokens:
+
+* ``x``    uint8 ``[T, H/2]``: packed E2M1, element ``2i`` in the low nibble;
+* ``x_sf`` int32 ``[T, H/64]``, row-major (K-major): four UE4M3 block-16 scales
+  per word, byte ``i`` of word ``j`` = group ``4j+i``.
+
+Two scale conventions (numbers defined by :mod:`dsv4_nvfp4.formats`):
+
+* :func:`stage_nvfp4_activations_static` — one calibrated global scale
+  (``input_scale``, ``G = 1/input_scale``), what upstream ``fp4_fp4_mega_moe``
+  expects; the caller folds ``input_scale`` into ``l1_alphas``. Bit-exact with
+  ``formats.quantize_nvfp4_activation_static``.
+* :func:`stage_nvfp4_activations_per_token` — SGLang's DeepGEMM fork
+  (``nvfp4xnvfp4``): a per-token fp32 scale ``pts`` written beside the buffer,
+  no calibration needed. Bit-exact with
+  ``formats.quantize_nvfp4_activation_per_token``.
+
+Both write into caller-provided tensors (no allocation on the hot path), accept
+any ``T >= 0`` and bf16 or fp16 input with ``H`` a positive multiple of 64, and
+never read or write outside ``[T, ...]``. Validation raises
+:class:`dsv4_nvfp4.formats.FormatError` (a ValueError) naming the argument.
+Scale values given as device tensors are not inspected (that would need a
+host sync on the hot path); a Python float is checked to be finite and > 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4_nvfp4.formats.constants import NVFP4_GROUP
+from dsv4_nvfp4.formats.errors import expect
+
+from ._bits import (
+    abs_bits,
+    bits_f32,
+    div_rn,
+    e2m1_encode,
+    e4m3_decode,
+    e4m3_encode_bits,
+    load_as_f32,
+    pack_nibbles,
+    pack_sf_words,
+)
+from ._config import TileConfig, staging_tile
+
+SF_WORD_GROUPS = 4  # UE4M3 scales per int32 word
+H_MULTIPLE = NVFP4_GROUP * SF_WORD_GROUPS  # 64: one int32 scale word
+
+
+@triton.jit
+def _stage_static_kernel(x_ptr, scale_ptr, out_x_ptr, out_sf_ptr, T,
+                         stride_x, stride_ox, stride_osf,
+                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr, IS_BF16: tl.constexpr):
+    """One tile of ROWS tokens × BLOCK_H columns; every 16-column group is independent."""
+    G: tl.constexpr = BLOCK_H // 16
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = (rows < T)[:, None]
+    rows64 = rows.to(tl.int64)[:, None]
+    h0 = tl.program_id(1) * BLOCK_H
+    cols = h0 + tl.arange(0, BLOCK_H)[None, :]
+    x = load_as_f32(x_ptr + rows64 * stride_x + cols, rmask, IS_BF16)
+
+    # formats: g = 1 / input_scale; SF = e4m3(min((amax / 6) * g, 448))
+    s = tl.load(scale_ptr)
+    g = div_rn(tl.full([ROWS, G], 1.0, tl.float32), s)
+    xg = tl.reshape(x, [ROWS, G, 16])
+    amax = bits_f32(tl.max(abs_bits(xg), axis=2))
+    sf_byte = e4m3_encode_bits(div_rn(amax, tl.full([ROWS, G], 6.0, tl.float32)) * g)
+    # codes = E2M1(x * (g / fp32(SF))), all-zero SF → multiplier 0
+    sf = e4m3_decode(sf_byte)
+    nz = sf != 0.0
+    mult = tl.where(nz, div_rn(g, tl.where(nz, sf, 1.0)), 0.0)
+    codes = e2m1_encode(xg * mult[:, :, None])
+
+    packed = pack_nibbles(tl.reshape(codes, [ROWS, BLOCK_H]), ROWS, BLOCK_H)
+    pcols = h0 // 2 + tl.arange(0, BLOCK_H // 2)[None, :]
+    tl.store(out_x_ptr + rows64 * stride_ox + pcols, packed, mask=rmask)
+    words = pack_sf_words(sf_byte, ROWS, G)
+    wcols = h0 // 64 + tl.arange(0, BLOCK_H // 64)[None, :]
+    tl.store(out_sf_ptr + rows64 * stride_osf + wcols, words, mask=rmask)
+
+
+@triton.jit
+def _stage_per_token_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
+                            stride_x, stride_ox, stride_osf,
+                            H: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                            IS_BF16: tl.constexpr):
+    """ROWS whole tokens: pass 1 finds the row amax, pass 2 quantizes (re-reads hit L2)."""
+    G: tl.constexpr = BLOCK_H // 16
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask1 = rows < T
+    rmask = rmask1[:, None]
+    rows64 = rows.to(tl.int64)[:, None]
+    offs = tl.arange(0, BLOCK_H)[None, :]
+
+    row_amax = tl.zeros([ROWS], tl.int32)  # int32 bits of |x|: NaN wins, like torch.amax
+    for h0 in range(0, H, BLOCK_H):
+        x = load_as_f32(x_ptr + rows64 * stride_x + (h0 + offs), rmask, IS_BF16)
+        row_amax = tl.maximum(row_amax, tl.max(abs_bits(x), axis=1))
+    # formats: pts = max(row_amax, 1e-4) / 2688; 0x38D1B717 = fp32(1e-4)
+    pts = div_rn(bits_f32(tl.maximum(row_amax, 0x38D1B717)), tl.full([ROWS], 2688.0, tl.float32))
+    tl.store(out_pts_ptr + rows, pts, mask=rmask1)
+    six_pts = (6.0 * pts)[:, None]
+    pts2 = pts[:, None]
+
+    for h0 in range(0, H, BLOCK_H):
+        x = load_as_f32(x_ptr + rows64 * stride_x + (h0 + offs), rmask, IS_BF16)
+        xg = tl.reshape(x, [ROWS, G, 16])
+        amax = bits_f32(tl.max(abs_bits(xg), axis=2))
+        # formats: SF = e4m3(block_amax / (6 * pts)); codes = E2M1(x / (fp32(SF) * pts))
+        sf_byte = e4m3_encode_bits(div_rn(amax, six_pts))
+        denom = e4m3_decode(sf_byte) * pts2
+        zero = denom == 0.0
+        safe = tl.where(zero, 1.0, denom)
+        scaled = tl.where(zero[:, :, None], 0.0, div_rn(xg, safe[:, :, None]))
+        codes = e2m1_encode(scaled)
+
+        packed = pack_nibbles(tl.reshape(codes, [ROWS, BLOCK_H]), ROWS, BLOCK_H)
+        pcols = h0 // 2 + tl.arange(0, BLOCK_H // 2)[None, :]
+        tl.store(out_x_ptr + rows64 * stride_ox + pcols, packed, mask=rmask)
+        words = pack_sf_words(sf_byte, ROWS, G)
+        wcols = h0 // 64 + tl.arange(0, BLOCK_H // 64)[None, :]
+        tl.store(out_sf_ptr + rows64 * stride_osf + wcols, words, mask=rmask)
+
+
+@dataclass(frozen=True)
+class _Staged:
+    x: torch.Tensor  # input as launched (bf16 viewed as int16 bits)
+    is_bf16: bool
+    out_x: torch.Tensor  # uint8 view
+    out_x_sf: torch.Tensor
+    tokens: int
+    hidden: int
+
+
+def _check_rows(name: str, t: torch.Tensor, shape: tuple[int, int], dtypes: tuple[torch.dtype, ...],
+                device: torch.device) -> None:
+    expect(isinstance(t, torch.Tensor), name, "a torch.Tensor", type(t).__name__)
+    expect(t.dtype in dtypes, name, f"dtype {' or '.join(str(d) for d in dtypes)}", t.dtype)
+    expect(tuple(t.shape) == shape, name, f"shape {shape}", tuple(t.shape))
+    expect(t.device == device, name, f"device {device} (same as x)", t.device)
+    expect(t.dim() < 2 or t.shape[-1] <= 1 or t.stride(-1) == 1, name,
+           "unit stride along the last dimension", t.stride())
+
+
+def _check_staging(x: torch.Tensor, out_x: torch.Tensor, out_x_sf: torch.Tensor) -> _Staged:
+    expect(isinstance(x, torch.Tensor), "x", "a torch.Tensor", type(x).__name__)
+    expect(x.dim() == 2, "x", "a 2-D tensor [T, H]", tuple(x.shape))
+    expect(x.dtype in (torch.bfloat16, torch.float16), "x", "dtype torch.bfloat16 or torch.float16",
+           x.dtype)
+    tokens, hidden = x.shape
+    expect(hidden > 0 and hidden % H_MULTIPLE == 0, "x",
+           f"hidden size H a positive multiple of {H_MULTIPLE} (one int32 of four block-16 scales)",
+           f"shape {tuple(x.shape)}")
+    expect(x.shape[1] <= 1 or x.stride(1) == 1, "x", "unit stride along H", x.stride())
+    _check_rows("out_x", out_x, (tokens, hidden // 2), (torch.uint8, torch.int8), x.device)
+    _check_rows("out_x_sf", out_x_sf, (tokens, hidden // H_MULTIPLE), (torch.int32,), x.device)
+    is_bf16 = x.dtype == torch.bfloat16
+    return _Staged(x.view(torch.int16) if is_bf16 else x, is_bf16, out_x.view(torch.uint8),
+                   out_x_sf, tokens, hidden)
+
+
+def scale_tensor(value: torch.Tensor | float, name: str, device: torch.device, *,
+                 positive: bool = True) -> torch.Tensor:
+    """A scalar scale as a one-element fp32 tensor on ``device`` (kernels read it there, no sync).
+
+    With ``positive`` a float (or a CPU tensor) must be finite and > 0; a device
+    tensor is not inspected, because that would stall the stream.
+    """
+    if isinstance(value, torch.Tensor):
+        expect(value.numel() == 1, name, "one element", tuple(value.shape))
+        expect(value.is_floating_point(), name, "a floating-point tensor", value.dtype)
+        t = value.detach().reshape(1).to(device=device, dtype=torch.float32)
+        if positive and value.device.type == "cpu":
+            v = float(t.cpu()[0])
+            expect(v > 0 and v != float("inf"), name, "a finite value > 0", v)
+        return t
+    expect(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+           "a float or a one-element tensor", type(value).__name__)
+    v = float(value)
+    if positive:
+        expect(v > 0 and v != float("inf"), name, "a finite value > 0", v)
+    return torch.tensor([v], dtype=torch.float32, device=device)
+
+
+def _launch_static(s: _Staged, scale: torch.Tensor, cfg: TileConfig) -> None:
+    grid = (triton.cdiv(s.tokens, cfg.rows), s.hidden // cfg.block)
+    _stage_static_kernel[grid](
+        s.x, scale, s.out_x, s.out_x_sf, s.tokens,
+        s.x.stride(0), s.out_x.stride(0), s.out_x_sf.stride(0),
+        ROWS=cfg.rows, BLOCK_H=cfg.block, IS_BF16=s.is_bf16, num_warps=cfg.num_warps)
+
+
+def _launch_per_token(s: _Staged, out_x_scales: torch.Tensor, cfg: TileConfig) -> None:
+    grid = (triton.cdiv(s.tokens, cfg.rows),)
+    _stage_per_token_kernel[grid](
+        s.x, s.out_x, s.out_x_sf, out_x_scales, s.tokens,
+        s.x.stride(0), s.out_x.stride(0), s.out_x_sf.stride(0),
+        H=s.hidden, ROWS=cfg.rows, BLOCK_H=cfg.block, IS_BF16=s.is_bf16,
+        num_warps=cfg.num_warps)
+
+
+def stage_nvfp4_activations_static(x: torch.Tensor, input_scale: torch.Tensor | float,
+                                   out_x: torch.Tensor, out_x_sf: torch.Tensor,
+                                   *, config: TileConfig | None = None) -> None:
+    """Quantize ``x [T, H]`` with one static global scale into the mega-MoE buffer.
+
+    Args:
+        x: bf16 or fp16 ``[T, H]``, ``H % 64 == 0``, unit stride along H.
+        input_scale: the checkpoint's activation ``input_scale`` (= act_amax / 2688),
+            a float or a one-element tensor; the kernel uses ``G = 1 / input_scale``.
+        out_x: uint8 (or int8) ``[T, H/2]``: packed E2M1, element 2i in the low nibble.
+        out_x_sf: int32 ``[T, H/64]``: UE4M3 block scales, byte i of word j = group 4j+i.
+        config: tile shape override (benchmarks and tests only; results do not depend on it).
+
+    Numbers, per 16-element block (``formats.quantize_nvfp4_activation_static``)::
+
+        SF    = e4m3(min((amax / 6) * G, 448))       zero block → SF byte 0
+        codes = E2M1(x * (G / fp32(SF)))             SF 0 → codes 0
+        x    ≈ e2m1 * fp32(SF) * input_scale         (input_scale goes into l1_alphas)
+    """
+    s = _check_staging(x, out_x, out_x_sf)
+    scale = scale_tensor(input_scale, "input_scale", x.device)
+    if s.tokens == 0:
+        return
+    _launch_static(s, scale, config or staging_tile(s.hidden, per_token=False))
+
+
+def stage_nvfp4_activations_per_token(x: torch.Tensor, out_x: torch.Tensor,
+                                      out_x_sf: torch.Tensor, out_x_scales: torch.Tensor,
+                                      *, config: TileConfig | None = None) -> None:
+    """Quantize ``x [T, H]`` with the two-level per-token convention into caller buffers.
+
+    Args:
+        x: bf16 or fp16 ``[T, H]``, ``H % 64 == 0``, unit stride along H.
+        out_x: uint8 (or int8) ``[T, H/2]``: packed E2M1, element 2i in the low nibble.
+        out_x_sf: int32 ``[T, H/64]``: UE4M3 block scales, byte i of word j = group 4j+i.
+        out_x_scales: fp32 ``[T]``: the per-token scale ``pts``.
+        config: tile shape override (benchmarks and tests only; results do not depend on it).
+
+    Numbers (``formats.quantize_nvfp4_activation_per_token``, SGLang's fork)::
+
+        pts   = max(row_amax, 1e-4) / 2688
+        SF    = e4m3(block_amax / (6 * pts))         (<= 448 by construction)
+        codes = E2M1(x / (fp32(SF) * pts))           SF 0 → codes 0
+        x    ≈ e2m1 * fp32(SF) * pts
+    """
+    s = _check_staging(x, out_x, out_x_sf)
+    expect(isinstance(out_x_scales, torch.Tensor), "out_x_scales", "a torch.Tensor",
+           type(out_x_scales).__name__)
+    expect(out_x_scales.dtype == torch.float32, "out_x_scales", "dtype torch.float32",
+           out_x_scales.dtype)
+    expect(tuple(out_x_scales.shape) == (s.tokens,), "out_x_scales", f"shape {(s.tokens,)}",
+           tuple(out_x_scales.shape))
+    expect(out_x_scales.device == x.device, "out_x_scales", f"device {x.device} (same as x)",
+           out_x_scales.device)
+    expect(s.tokens <= 1 or out_x_scales.stride(0) == 1, "out_x_scales", "unit stride",
+           out_x_scales.stride())
+    if s.tokens == 0:
+        return
+    _launch_per_token(s, out_x_scales, config or staging_tile(s.hidden, per_token=True))
