@@ -1,4 +1,4 @@
-"""Which experts a checkpoint stores as NVFP4 (pure rules; vLLM-level test in test_plugin_mtp.py)."""
+"""Which experts a checkpoint stores as NVFP4 (pure rules; vLLM level: test_plugin_mtp.py)."""
 
 from __future__ import annotations
 

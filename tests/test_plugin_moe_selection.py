@@ -81,7 +81,7 @@ def test_forced_deepgemm_names_every_missing_requirement() -> None:
 
 def test_vllm_mega_flag_means_deepgemm_or_error_under_auto() -> None:
     assert select_moe_backend("auto", facts(user_moe_backend="deep_gemm_mega_moe")).use_deepgemm
-    with pytest.raises(MoeBackendUnavailable, match="^--moe-backend deep_gemm_mega_moe but"):
+    with pytest.raises(MoeBackendUnavailable, match=r"^--moe-backend deep_gemm_mega_moe but"):
         select_moe_backend("auto", facts(user_moe_backend="deep_gemm_mega_moe", is_sm100=False))
 
 

