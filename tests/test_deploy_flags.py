@@ -20,7 +20,6 @@ max-model-len are valid for it. vLLM is imported once per module (~8 s).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -33,10 +32,17 @@ ENV_EXAMPLE = ROOT / ".env.example"
 pytestmark = pytest.mark.cpu
 
 
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """Nothing here may reach the Hub (read lazily by vLLM and transformers)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def vllm_api():
     """vLLM's serve parser pieces and registries (one import for the module)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"  # read lazily by vLLM/transformers
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.reasoning import ReasoningParserManager
