@@ -41,8 +41,9 @@ RUN missing=(); \
 # binding (csrc/python_api.cpp); every kernel is compiled by NVCC at first use
 # and cached in DG_JIT_CACHE_DIR (a volume, see runtime). With NVCC >= 12.9,
 # DeepGEMM's JIT targets sm_100f on B200, where the block16 PTX spelling
-# (`kind::mxf4nvf4.block16`, not `.scale_vec::4X`) is required; upstream's
-# NVFP4 kernels use it. TORCH_CUDA_ARCH_LIST pins the host extension build to
+# (`kind::mxf4nvf4...block16`) is required and `.scale_vec::4X` is rejected;
+# a kernel with the wrong spelling fails at its first JIT compile on the node
+# (warm-up), not here. TORCH_CUDA_ARCH_LIST pins the host extension build to
 # sm_100a (there is no GPU at build time to detect).
 FROM base AS deepgemm
 ARG DEEPGEMM_REPO=https://github.com/deepseek-ai/DeepGEMM.git
