@@ -154,7 +154,7 @@ def test_parser_names_exist_in_vllm_registries(vllm_api, parsed):
 
 def test_every_documented_moe_backend_parses(vllm_api, model_dir, flags):
     """The MOE_BACKEND values .env.example offers are vLLM 0.32.0 backend names."""
-    for backend in ("deep_gemm_mega_moe", "flashinfer_trtllm"):
+    for backend in ("deep_gemm_mega_moe", "auto", "flashinfer_trtllm"):
         args = vllm_api.parse(model_dir, dc.with_overrides(flags, {"--moe-backend": backend}))
         assert args.moe_backend == backend
 
