@@ -1,0 +1,202 @@
+"""Model dimensions from a DeepSeek V4 ``config.json``, in either of its two dialects.
+
+DeepSeek's own config (layouts A and B, and the tiny model) uses
+``compress_ratios`` (one entry per layer, then one per MTP layer),
+``num_hash_layers``, ``qk_rope_head_dim`` and a flat ``rope_scaling``. The
+transformers ``DeepseekV4Config`` that a ModelOpt export of layout C writes
+uses ``layer_types`` + ``compress_rates``, ``mlp_layer_types``,
+``partial_rotary_factor`` and a ``rope_parameters`` dict keyed ``main`` /
+``compress`` (transformers 5.17+ ``configuration_deepseek_v4.py``). vLLM 0.32.0
+reads the DeepSeek dialect (the tiny model is served with it), so the
+converter always writes that one; :func:`to_transformers_config` exists to
+build realistic layout-C fixtures.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from .errors import CheckpointError
+
+# transformers' names for the attention kinds, by compression ratio.
+RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention",
+                       128: "heavily_compressed_attention"}
+LAYER_TYPE_TO_DEFAULT_RATIO = {v: k for k, v in RATIO_TO_LAYER_TYPE.items()}
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Everything that fixes tensor names and shapes."""
+
+    vocab: int
+    hidden: int
+    n_layers: int
+    ratios: tuple[int, ...]  # main layers
+    mtp_ratios: tuple[int, ...]  # one per MTP layer (length n_mtp)
+    n_heads: int
+    head_dim: int
+    q_lora: int
+    o_groups: int
+    o_lora: int
+    n_experts: int
+    n_shared: int
+    moe_inter: int
+    n_hash: int
+    index_heads: int
+    index_head_dim: int
+    hc_mult: int
+    topk: int
+
+    @property
+    def n_mtp(self) -> int:
+        return len(self.mtp_ratios)
+
+
+def _get(cfg: dict, key: str) -> int:
+    if key not in cfg:
+        raise CheckpointError(f"config.json: expected key {key!r}, found none")
+    v = cfg[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise CheckpointError(f"config.json: {key}: expected a non-negative integer, found {v!r}")
+    return v
+
+
+def _ratios(cfg: dict, n_layers: int, n_mtp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if "compress_ratios" in cfg:
+        r = cfg["compress_ratios"]
+        if not isinstance(r, list) or len(r) < n_layers:
+            raise CheckpointError(f"config.json: compress_ratios: expected a list of at least "
+                                  f"{n_layers} entries, found {r!r}")
+        main = tuple(int(x) for x in r[:n_layers])
+        extra = [int(x) for x in r[n_layers:]]
+        mtp = tuple((extra + [0] * n_mtp)[:n_mtp])
+    elif "layer_types" in cfg:
+        rates = dict(cfg.get("compress_rates") or {})
+        lt = cfg["layer_types"]
+        if not isinstance(lt, list) or len(lt) != n_layers:
+            raise CheckpointError(f"config.json: layer_types: expected {n_layers} entries, "
+                                  f"found {lt!r}")
+        try:
+            main = tuple(0 if t == "sliding_attention"
+                         else int(rates.get(t, LAYER_TYPE_TO_DEFAULT_RATIO[t])) for t in lt)
+        except KeyError as e:
+            raise CheckpointError(f"config.json: layer_types: expected one of "
+                                  f"{sorted(LAYER_TYPE_TO_DEFAULT_RATIO)}, found {e}") from None
+        mtp = (0,) * n_mtp  # transformers does not record the MTP layer's ratio
+    else:
+        raise CheckpointError("config.json: expected compress_ratios or layer_types, found neither")
+    bad = [x for x in main + mtp if x not in (0, 1, 4, 128)]
+    if bad:
+        raise CheckpointError(f"config.json: compress ratios: expected 0, 1, 4 or 128, found {bad}")
+    return tuple(0 if x == 1 else x for x in main), tuple(0 if x == 1 else x for x in mtp)
+
+
+def _n_hash(cfg: dict, n_layers: int) -> int:
+    if "num_hash_layers" in cfg:
+        return _get(cfg, "num_hash_layers")
+    types = cfg.get("mlp_layer_types")
+    if isinstance(types, list):
+        n = 0
+        while n < len(types) and types[n] == "hash_moe":
+            n += 1
+        return n
+    return min(3, n_layers)  # transformers' default_num_hash_layers
+
+
+def _qk_rope(cfg: dict, head_dim: int) -> int:
+    if "qk_rope_head_dim" in cfg:
+        return _get(cfg, "qk_rope_head_dim")
+    f = cfg.get("partial_rotary_factor")
+    return int(head_dim * f) if isinstance(f, int | float) else 64
+
+
+def dims_from_config(cfg: dict) -> Dims:
+    """Read the dimensions; :class:`CheckpointError` names the first missing or bad key."""
+    n_layers = _get(cfg, "num_hidden_layers")
+    n_mtp = int(cfg.get("num_nextn_predict_layers", 0) or 0)
+    ratios, mtp = _ratios(cfg, n_layers, n_mtp)
+    d = Dims(
+        vocab=_get(cfg, "vocab_size"),
+        hidden=_get(cfg, "hidden_size"),
+        n_layers=n_layers,
+        ratios=ratios,
+        mtp_ratios=mtp,
+        n_heads=_get(cfg, "num_attention_heads"),
+        head_dim=_get(cfg, "head_dim"),
+        q_lora=_get(cfg, "q_lora_rank"),
+        o_groups=_get(cfg, "o_groups"),
+        o_lora=_get(cfg, "o_lora_rank"),
+        n_experts=_get(cfg, "n_routed_experts"),
+        n_shared=int(cfg.get("n_shared_experts", 1)),
+        moe_inter=_get(cfg, "moe_intermediate_size"),
+        n_hash=_n_hash(cfg, n_layers),
+        index_heads=_get(cfg, "index_n_heads"),
+        index_head_dim=_get(cfg, "index_head_dim"),
+        hc_mult=_get(cfg, "hc_mult"),
+        topk=_get(cfg, "num_experts_per_tok"),
+    )
+    if d.o_groups == 0 or (d.n_heads * d.head_dim) % d.o_groups:
+        raise CheckpointError(f"config.json: o_groups: expected a divisor of num_attention_heads"
+                              f"*head_dim ({d.n_heads * d.head_dim}), found {d.o_groups}")
+    _qk_rope(cfg, d.head_dim)
+    return d
+
+
+_TRANSFORMERS_ONLY = ("layer_types", "compress_rates", "mlp_layer_types", "partial_rotary_factor",
+                      "rope_parameters")
+_DEEPSEEK_ONLY = ("compress_ratios", "num_hash_layers", "qk_rope_head_dim", "rope_scaling")
+
+
+def to_deepseek_config(cfg: dict, mtp_ratios: tuple[int, ...] = ()) -> dict:
+    """The DeepSeek dialect of ``cfg`` (unchanged if it already is one).
+
+    ``mtp_ratios`` are appended to ``compress_ratios`` for the MTP layers, whose
+    ratio transformers does not record; ``num_nextn_predict_layers`` is set to
+    their count.
+    """
+    out = copy.deepcopy(cfg)
+    d = dims_from_config({**cfg, "num_nextn_predict_layers": 0})
+    out["compress_ratios"] = [*d.ratios, *mtp_ratios]
+    out["num_nextn_predict_layers"] = len(mtp_ratios)
+    out["num_hash_layers"] = d.n_hash
+    out["qk_rope_head_dim"] = _qk_rope(cfg, d.head_dim)
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict) and isinstance(rp.get("main"), dict):
+        main, comp = rp["main"], rp.get("compress") or {}
+        out.setdefault("rope_theta", main.get("rope_theta", 10000.0))
+        if "rope_theta" in comp:
+            out["compress_rope_theta"] = comp["rope_theta"]
+        if comp.get("rope_type", comp.get("type")) == "yarn":
+            out["rope_scaling"] = {k: v for k, v in comp.items()
+                                   if k not in ("rope_theta", "partial_rotary_factor",
+                                                "attention_factor")}
+            out["rope_scaling"].setdefault("type", "yarn")
+    for k in _TRANSFORMERS_ONLY:
+        out.pop(k, None)
+    return out
+
+
+def to_transformers_config(cfg: dict) -> dict:
+    """The transformers dialect of a DeepSeek-dialect ``cfg`` (what a layout-C export carries)."""
+    d = dims_from_config(cfg)
+    out = copy.deepcopy(cfg)
+    out["layer_types"] = [RATIO_TO_LAYER_TYPE[r] for r in d.ratios]
+    out["compress_rates"] = {"compressed_sparse_attention": 4,
+                             "heavily_compressed_attention": 128}
+    out["mlp_layer_types"] = ["hash_moe" if i < d.n_hash else "moe" for i in range(d.n_layers)]
+    out["partial_rotary_factor"] = _qk_rope(cfg, d.head_dim) / d.head_dim
+    scaling = dict(cfg.get("rope_scaling") or {})
+    compress = {**scaling, "rope_theta": cfg.get("compress_rope_theta", 160000.0),
+                "partial_rotary_factor": out["partial_rotary_factor"]}
+    compress.setdefault("rope_type", "default")
+    if compress["rope_type"] == "yarn":
+        compress["attention_factor"] = 1.0
+    out["rope_parameters"] = {
+        "main": {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0),
+                 "partial_rotary_factor": out["partial_rotary_factor"]},
+        "compress": compress,
+    }
+    for k in _DEEPSEEK_ONLY:
+        out.pop(k, None)
+    return out

