@@ -1,5 +1,54 @@
-"""`dsv4-nvfp4` command line (placeholder until the subcommands land)."""
+"""``dsv4-nvfp4``: one command line for the checkpoint toolkit, serving checks and deployment.
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and
+``run(args) -> int``. Only the module of the subcommand asked for is imported,
+so ``dsv4-nvfp4 smoke`` never loads torch and ``dsv4-nvfp4 verify`` never loads
+vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module; the order is the order of `dsv4-nvfp4 --help`
+COMMANDS: dict[str, str] = {
+    "inspect": "dsv4_nvfp4.checkpoint.inspect",
+    "verify": "dsv4_nvfp4.checkpoint.verify",
+    "convert": "dsv4_nvfp4.checkpoint.convert",
+    "tiny": "dsv4_nvfp4.checkpoint.tiny",
+    "quantize": "dsv4_nvfp4.quantize.command",
+    "serve": "dsv4_nvfp4.serving.serve",
+    "health": "dsv4_nvfp4.serving.health",
+    "smoke": "dsv4_nvfp4.serving.smoke",
+    "bench": "dsv4_nvfp4.serving.bench",
+    "eval": "dsv4_nvfp4.serving.eval",
+    "acceptance": "dsv4_nvfp4.serving.acceptance",
+    "demo": "dsv4_nvfp4.serving.demo",
+    "doctor": "dsv4_nvfp4.deploy.doctor",
+}
 
 
-def main(argv=None) -> int:
-    return 0
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsv4-nvfp4",
+        description="DeepSeek V4 Pro with NVFP4 experts on vLLM: checkpoints, serving, checks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
