@@ -74,6 +74,10 @@ _RESPONSE_FORMAT = ("## Response Format:\n\nYou MUST strictly adhere to the foll
                     "to reply:\n")
 
 
+# DeepSeek-internal fields (task tokens, training masks) the calibration renderer refuses.
+_UNSUPPORTED_FIELDS = ("task", "wo_eos", "content_blocks", "mask")
+
+
 class ChatFormatError(ValueError):
     """A message the renderer cannot express exactly as DeepSeek V4 would."""
 
@@ -140,6 +144,10 @@ def _merge_tools(messages: list[dict]) -> list[dict]:
             raise ChatFormatError(f"message {i}: expected an object, found "
                                   f"{type(msg).__name__}")
         role = msg.get("role")
+        for unsupported in _UNSUPPORTED_FIELDS:
+            if unsupported in msg:
+                raise ChatFormatError(f"message {i} ({role}): field {unsupported!r} is not "
+                                      "supported by the calibration renderer")
         if role == "assistant" and msg.get("tool_calls"):
             call_order = {}
             for j, tc in enumerate(msg["tool_calls"]):
@@ -180,10 +188,6 @@ def _render_one(i: int, msgs: list[dict], mode: str, drop: bool, last_user: int)
     msg = msgs[i]
     role = msg.get("role")
     where = f"message {i} ({role})"
-    for unsupported in ("task", "wo_eos", "content_blocks"):
-        if unsupported in msg:
-            raise ChatFormatError(f"{where}: field {unsupported!r} is not supported by the "
-                                  "calibration renderer")
     out = ""
     if role == "system":
         out += _text(msg.get("content"), where)

@@ -183,10 +183,15 @@ def quantize(args) -> dict:
     if args.export_only:
         _say(f"done (export only) in {time.monotonic() - t0:.0f} s: {export_dir}")
         return report
-    from .handoff import convert_to_layout_b
+    from .handoff import convert_to_layout_b, verify_output
 
     _say(f"convert {export_dir} -> {args.output} (layout B, dense {args.dense})")
     convert_to_layout_b(export_dir, args.output, args.mtp_from, args.dense, progress)
+    findings = verify_output(args.output)
+    if findings:
+        raise QuantizeCheckError(f"verify {args.output}: {len(findings)} findings, first: "
+                                 f"{findings[0]}")
+    _say(f"verify {args.output}: clean")
     _say(f"done in {time.monotonic() - t0:.0f} s: {args.output}")
     return report
 

@@ -75,7 +75,8 @@ def nvfp4_attributes(default_cfg: dict) -> dict[str, Any]:
 
 
 def check_nvfp4_attributes(attrs: dict[str, Any]) -> None:
-    num_bits = tuple(attrs.get("num_bits", ()))
+    nb = attrs.get("num_bits", ())
+    num_bits = tuple(nb) if isinstance(nb, list | tuple) else nb
     blocks = attrs.get("block_sizes") or {}
     block = blocks.get(-1, blocks.get("-1"))
     found = (num_bits, block, blocks.get("type"), tuple(blocks.get("scale_bits", ())))
