@@ -54,3 +54,21 @@ def constructed_class(build: Callable[[], Any]) -> str:
             tb = tb.tb_next
         assert names, "no constructor frame in the traceback"
         return names[0]
+
+
+def ensure_single_process_world(vllm_config: Any) -> None:
+    """A 1-process gloo world with vLLM's TP/PP/EP groups (idempotent within a process)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed.parallel_state import (
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+    )
+    from vllm.utils.network_utils import get_open_port
+
+    if model_parallel_is_initialized():
+        return
+    with set_current_vllm_config(vllm_config):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"tcp://127.0.0.1:{get_open_port()}")
+        initialize_model_parallel(1, 1)

@@ -15,7 +15,11 @@ import types
 
 import pytest
 import torch
-from test_plugin_helpers import layout_b_quant_config, write_layout_b_config
+from test_plugin_helpers import (
+    ensure_single_process_world,
+    layout_b_quant_config,
+    write_layout_b_config,
+)
 
 from dsv4_nvfp4.formats import (
     dequantize_nvfp4,
@@ -41,20 +45,13 @@ def vllm_env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
 
     plugin.register()
     from vllm.config import set_current_vllm_config
-    from vllm.distributed.parallel_state import (
-        init_distributed_environment,
-        initialize_model_parallel,
-    )
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.utils.network_utils import get_open_port
 
     d = write_layout_b_config(tmp_path_factory.mktemp("layout_b"), layout_b_quant_config())
     vc = EngineArgs(model=str(d), skip_tokenizer_init=True,
                     max_model_len=512).create_engine_config()
+    ensure_single_process_world(vc)
     with set_current_vllm_config(vc):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"tcp://127.0.0.1:{get_open_port()}")
-        initialize_model_parallel(1, 1)
         yield vc
 
 
