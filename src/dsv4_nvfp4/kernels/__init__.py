@@ -7,17 +7,29 @@
 
 Each is bit-exact with its ``formats`` reference on the GPU and in Triton's CPU
 interpreter (every rounding is done on bit patterns, see ``_bits.py``).
-Importing this package needs ``triton``; running it needs a GPU or
-``TRITON_INTERPRET=1`` with CPU tensors.
+
+Names are resolved lazily so that ``import dsv4_nvfp4.kernels.interpret`` does
+not import ``triton`` (interpreter mode must be chosen before that import);
+``from dsv4_nvfp4.kernels import X`` raises ImportError when triton is missing.
 """
 
-from ._config import TileConfig
-from .dequant import dequantize_nvfp4_to_bf16
-from .staging import stage_nvfp4_activations_per_token, stage_nvfp4_activations_static
+from __future__ import annotations
 
-__all__ = [
-    "TileConfig",
-    "dequantize_nvfp4_to_bf16",
-    "stage_nvfp4_activations_per_token",
-    "stage_nvfp4_activations_static",
-]
+from typing import Any
+
+_EXPORTS = {
+    "TileConfig": "._config",
+    "dequantize_nvfp4_to_bf16": ".dequant",
+    "stage_nvfp4_activations_per_token": ".staging",
+    "stage_nvfp4_activations_static": ".staging",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -1,14 +1,15 @@
 """Tile shapes for the kernels. Results never depend on them (tests check several).
 
 On the GPU a program handles a few thousand elements with 16-byte loads; in
-Triton's CPU interpreter every program instance costs milliseconds of Python,
-so there the tiles are made much larger.
+Triton's CPU interpreter (CPU tensors) every program instance costs
+milliseconds of Python, so there the tiles are made much larger.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,6 @@ class TileConfig:
     rows: int
     block: int
     num_warps: int = 4
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def pow2_divisor(n: int, cap: int) -> int:
@@ -40,9 +36,9 @@ GPU_DEQUANT_ROWS = 2
 CPU_TILE_ELEMS = 1 << 16
 
 
-def staging_tile(hidden: int, *, per_token: bool) -> TileConfig:
+def staging_tile(hidden: int, *, per_token: bool, device: torch.device) -> TileConfig:
     """Tile for the staging kernels; ``hidden % 64 == 0`` so ``block`` divides it and is >= 64."""
-    if interpreting():
+    if device.type == "cpu":  # Triton's interpreter
         block = pow2_divisor(hidden, 8192)
         return TileConfig(rows=max(1, CPU_TILE_ELEMS // block), block=block)
     block = pow2_divisor(hidden, GPU_STAGING_BLOCK)
@@ -51,9 +47,9 @@ def staging_tile(hidden: int, *, per_token: bool) -> TileConfig:
     return TileConfig(rows=rows, block=block)
 
 
-def dequant_tile(k: int) -> TileConfig:
+def dequant_tile(k: int, *, device: torch.device) -> TileConfig:
     """Tile for the dequant kernel; ``k % 16 == 0`` so ``block`` divides it and is >= 16."""
-    if interpreting():
+    if device.type == "cpu":  # Triton's interpreter
         block = pow2_divisor(k, 8192)
         return TileConfig(rows=max(1, CPU_TILE_ELEMS // block), block=block)
     block = pow2_divisor(k, GPU_DEQUANT_BLOCK)

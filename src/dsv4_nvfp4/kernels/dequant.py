@@ -105,7 +105,7 @@ def dequantize_nvfp4_to_bf16(packed: torch.Tensor, block_scale: torch.Tensor,
         p2 = p2.contiguous()
     if bs2.stride(-1) != 1:
         bs2 = bs2.contiguous()
-    cfg = config or dequant_tile(k)
+    cfg = config or dequant_tile(k, device=p.device)
     grid = (triton.cdiv(rows, cfg.rows), k // cfg.block)
     _dequant_kernel[grid](p2, bs2, g, o2, rows, p2.stride(0), bs2.stride(0), o2.stride(0),
                           ROWS=cfg.rows, BLOCK_K=cfg.block, num_warps=cfg.num_warps)

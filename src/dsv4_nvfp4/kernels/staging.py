@@ -230,7 +230,8 @@ def stage_nvfp4_activations_static(x: torch.Tensor, input_scale: torch.Tensor | 
     scale = scale_tensor(input_scale, "input_scale", x.device)
     if s.tokens == 0:
         return
-    _launch_static(s, scale, config or staging_tile(s.hidden, per_token=False))
+    cfg = config or staging_tile(s.hidden, per_token=False, device=x.device)
+    _launch_static(s, scale, cfg)
 
 
 def stage_nvfp4_activations_per_token(x: torch.Tensor, out_x: torch.Tensor,
@@ -265,4 +266,5 @@ def stage_nvfp4_activations_per_token(x: torch.Tensor, out_x: torch.Tensor,
            out_x_scales.stride())
     if s.tokens == 0:
         return
-    _launch_per_token(s, out_x_scales, config or staging_tile(s.hidden, per_token=True))
+    cfg = config or staging_tile(s.hidden, per_token=True, device=x.device)
+    _launch_per_token(s, out_x_scales, cfg)

@@ -1,0 +1,185 @@
+"""The kernels' bit-level rounding helpers vs formats, in Triton's CPU interpreter.
+
+Why this proves the scale bytes on CPU: the interpreter's own float→fp8/bf16
+casts are inexact, so the kernels never use them; they round on int32 bit
+patterns (``kernels/_bits.py``), which numpy and the GPU evaluate identically.
+Here those helpers are swept over every fp32 bit pattern of the upper 19/20
+bits (all exponents and the mantissa bits that decide E4M3/E2M1 rounding)
+with the low bits at 0, 1, just below and at the half-way point, and compared
+byte for byte with ``formats`` (torch's exact casts). tests/gpu repeats the
+sweeps exhaustively over all 2^32 patterns on the H100.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from bitwise import assert_bitwise_equal
+
+from dsv4_nvfp4.formats import decode_ue4m3, e2m1_decode, e2m1_encode, encode_ue4m3
+from dsv4_nvfp4.kernels.interpret import InterpreterUnavailable, interpreter_env, load_interpreted
+
+try:
+    kernels = load_interpreted()
+except InterpreterUnavailable:  # triton came first in this pytest process
+    kernels = None
+
+# Imported after load_interpreted(): triton's interpreter mode is fixed at its first import.
+import triton
+import triton.language as tl
+
+from dsv4_nvfp4.kernels._bits import e2m1_decode as k_e2m1_decode
+from dsv4_nvfp4.kernels._bits import e2m1_encode as k_e2m1_encode
+from dsv4_nvfp4.kernels._bits import e4m3_decode as k_e4m3_decode
+from dsv4_nvfp4.kernels._bits import e4m3_encode_bits, f32_to_bf16_bits
+
+pytestmark = pytest.mark.cpu
+KERNEL_DIR = Path(__file__).resolve().parents[1] / "src" / "dsv4_nvfp4" / "kernels"
+BLOCK = 1 << 16
+OP_E4M3_ENCODE, OP_E4M3_DECODE, OP_E2M1_ENCODE, OP_E2M1_DECODE, OP_BF16 = range(5)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(request: pytest.FixtureRequest) -> None:
+    if kernels is None and request.node.name != "test_fresh_process":
+        pytest.skip("triton was imported in compiled mode first; test_fresh_process runs this file")
+
+
+def test_fresh_process() -> None:
+    """Runs this file in a fresh interpreter when triton was imported first in this process."""
+    if kernels is not None:
+        pytest.skip("the tests ran in this process")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=interpreter_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+@triton.jit
+def _map_kernel(src_ptr, dst_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    if OP == 0:
+        tl.store(dst_ptr + offs, e4m3_encode_bits(tl.load(src_ptr + offs, mask=m)), mask=m)
+    elif OP == 1:
+        tl.store(dst_ptr + offs, k_e4m3_decode(tl.load(src_ptr + offs, mask=m)), mask=m)
+    elif OP == 2:
+        tl.store(dst_ptr + offs, k_e2m1_encode(tl.load(src_ptr + offs, mask=m)), mask=m)
+    elif OP == 3:
+        tl.store(dst_ptr + offs, k_e2m1_decode(tl.load(src_ptr + offs, mask=m)), mask=m)
+    else:
+        tl.store(dst_ptr + offs, f32_to_bf16_bits(tl.load(src_ptr + offs, mask=m)), mask=m)
+
+
+def run_map(op: int, src: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    dst = torch.empty(src.shape, dtype=out_dtype)
+    _map_kernel[(triton.cdiv(src.numel(), BLOCK),)](src, dst, src.numel(), OP=op, BLOCK=BLOCK)
+    return dst
+
+
+def fp32_patterns(high_bits: int, lows: tuple[int, ...]) -> torch.Tensor:
+    """Non-negative fp32: every value of bits 30..(31-high_bits), each with every given low part."""
+    hi = np.arange(1 << high_bits, dtype=np.uint32) << np.uint32(31 - high_bits)
+    pats = (hi[:, None] | np.array(lows, dtype=np.uint32)[None, :]).reshape(-1)
+    return torch.from_numpy(pats.view(np.int32).copy()).view(torch.float32)
+
+
+def all_signs(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, (x.view(torch.int32) | torch.tensor(-(2**31), dtype=torch.int32))
+                      .view(torch.float32)])
+
+
+LOWS_E4M3 = (0x000, 0x001, 0x7FF, 0x800, 0x801, 0xFFF)  # rounding happens at bit 20 and above
+
+
+def test_e4m3_encode_sweep_matches_formats() -> None:
+    # bits 30..12 enumerated (2^19 values: every exponent incl. fp32 subnormals, inf, NaN)
+    v = fp32_patterns(19, LOWS_E4M3)
+    got = run_map(OP_E4M3_ENCODE, v, torch.int32).to(torch.uint8)
+    want = encode_ue4m3(v).view(torch.uint8)
+    assert_bitwise_equal(got, want, "e4m3 bytes over the fp32 sweep")
+
+
+@pytest.mark.parametrize(("value", "byte"), [
+    (0.0, 0x00), (2.0**-9, 0x01), (2.0**-10, 0x00), (2.0**-10 * 1.0000001, 0x01),
+    (3 * 2.0**-10, 0x02), (2.0**-6 - 2.0**-10, 0x08), (2.0**-6, 0x08), (1.0, 0x38),
+    (1.0625, 0x38), (1.0625 * 1.0000001, 0x39), (1.1875, 0x3A), (15.5, 0x58), (14.5, 0x56),
+    (448.0, 0x7E), (460.0, 0x7E), (1e30, 0x7E), (float("inf"), 0x7E), (float("nan"), 0x7F),
+])
+def test_e4m3_encode_spelled_out(value: float, byte: int) -> None:
+    got = run_map(OP_E4M3_ENCODE, torch.tensor([value], dtype=torch.float32), torch.int32)
+    assert int(got[0]) == byte
+    assert int(encode_ue4m3(torch.tensor([value])).view(torch.uint8)[0]) == byte
+
+
+def test_e4m3_decode_every_byte() -> None:
+    codes = torch.arange(256, dtype=torch.int32)
+    got = run_map(OP_E4M3_DECODE, codes, torch.float32)
+    want = decode_ue4m3(codes.to(torch.uint8))
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert nan.nonzero().flatten().tolist() == [0x7F, 0xFF]
+    assert_bitwise_equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32), "e4m3 decode")
+
+
+# Every E2M1 code point and every tie, as the value to round and its expected code.
+E2M1_SPELLED = [
+    (0.0, 0), (0.5, 1), (1.0, 2), (1.5, 3), (2.0, 4), (3.0, 5), (4.0, 6), (6.0, 7),
+    (-0.0, 0), (-0.5, 9), (-1.0, 10), (-1.5, 11), (-2.0, 12), (-3.0, 13), (-4.0, 14), (-6.0, 15),
+    # ties go to the even code
+    (0.25, 0), (0.75, 2), (1.25, 2), (1.75, 4), (2.5, 4), (3.5, 6), (5.0, 6),
+    (-0.25, 8), (-0.75, 10), (-1.25, 10), (-1.75, 12), (-2.5, 12), (-3.5, 14), (-5.0, 14),
+    # one fp32 ulp beside each tie
+    (0.25000003, 1), (0.74999994, 1), (1.2500001, 3), (1.7499999, 3), (2.5000002, 5),
+    (3.4999998, 5), (5.0000005, 7), (0.24999999, 0), (0.75000006, 2), (4.9999995, 6),
+    # saturation, specials, negatives that round to zero
+    (6.5, 7), (1e30, 7), (float("inf"), 7), (float("-inf"), 15), (-7.0, 15), (float("nan"), 7),
+    (-0.1, 8), (-1e-30, 8), (1e-30, 0),
+]
+
+
+def test_e2m1_encode_every_code_point_and_tie() -> None:
+    vals = torch.tensor([v for v, _ in E2M1_SPELLED], dtype=torch.float32)
+    want = torch.tensor([c for _, c in E2M1_SPELLED], dtype=torch.uint8)
+    got = run_map(OP_E2M1_ENCODE, vals, torch.int32).to(torch.uint8)
+    assert_bitwise_equal(got, want, "e2m1 codes (spelled out)")
+    assert_bitwise_equal(e2m1_encode(vals), want, "formats e2m1 codes (spelled out)")
+
+
+def test_e2m1_encode_sweep_matches_formats() -> None:
+    v = all_signs(fp32_patterns(19, (0x000, 0x001, 0x800, 0xFFF)))  # bits 31..12
+    got = run_map(OP_E2M1_ENCODE, v, torch.int32).to(torch.uint8)
+    assert_bitwise_equal(got, e2m1_encode(v), "e2m1 codes over the fp32 sweep")
+
+
+def test_e2m1_decode_every_code() -> None:
+    codes = torch.arange(16, dtype=torch.int32)
+    got = run_map(OP_E2M1_DECODE, codes, torch.float32)
+    want = e2m1_decode(codes.to(torch.uint8))
+    assert_bitwise_equal(got.view(torch.int32), want.view(torch.int32), "e2m1 decode (with -0.0)")
+
+
+def test_bf16_rounding_sweep_matches_torch() -> None:
+    v = all_signs(fp32_patterns(15, (0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF)))
+    got = run_map(OP_BF16, v, torch.int32)
+    want = v.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    nan = torch.isnan(v)
+    assert bool(((got[nan] & 0x7FFF) > 0x7F80).all()), "NaN must stay NaN"
+    assert_bitwise_equal(got[~nan], want[~nan], "bf16 bits over the fp32 sweep")
+
+
+def test_no_shift_by_32_or_more_in_kernel_sources() -> None:
+    """The earlier attempt shifted an int32 by 32 (LLVM poison); no literal shift may be >= 32."""
+    checked = 0
+    for path in sorted(KERNEL_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.LShift, ast.RShift)):
+                checked += 1
+                if isinstance(node.right, ast.Constant):
+                    assert node.right.value < 32, f"{path.name}:{node.lineno} shifts by >= 32"
+    assert checked > 10

@@ -1,0 +1,323 @@
+"""NVFP4 activation staging kernels vs formats, bit for bit, in Triton's CPU interpreter.
+
+Both scale conventions; every E2M1 code point and tie spelled out as literal
+bytes; zero, tiny, huge, inf and NaN rows; T = 0 and odd T; fp16 input; tile
+shapes that do not divide T; writes confined to [T, H/2] bytes and [T, H/64]
+words of the caller's buffers; bad input rejected with one clear error.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from bitwise import assert_bitwise_equal
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsv4_nvfp4.formats import (
+    FormatError,
+    pack_sf_bytes_to_int32,
+    quantize_nvfp4_activation_per_token,
+    quantize_nvfp4_activation_static,
+)
+from dsv4_nvfp4.kernels.interpret import InterpreterUnavailable, interpreter_env, load_interpreted
+
+try:
+    kernels = load_interpreted()
+except InterpreterUnavailable:  # triton came first in this pytest process
+    kernels = None
+
+pytestmark = pytest.mark.cpu
+POISON_BYTE = 0xAB
+POISON_WORD = 0x5A5A5A5A
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(request: pytest.FixtureRequest) -> None:
+    if kernels is None and request.node.name != "test_fresh_process":
+        pytest.skip("triton was imported in compiled mode first; test_fresh_process runs this file")
+
+
+def test_fresh_process() -> None:
+    """Runs this file in a fresh interpreter when triton was imported first in this process."""
+    if kernels is not None:
+        pytest.skip("the tests ran in this process")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=interpreter_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+def buffers(t: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.full((t, h // 2), POISON_BYTE, dtype=torch.uint8),
+            torch.full((t, h // 64), POISON_WORD, dtype=torch.int32),
+            torch.full((t,), float("nan"), dtype=torch.float32))
+
+
+def stage_static(x: torch.Tensor, scale: float | torch.Tensor, config=None):
+    ox, osf, _ = buffers(*x.shape)
+    kernels.stage_nvfp4_activations_static(x, scale, ox, osf, config=config)
+    return ox, osf
+
+
+def stage_per_token(x: torch.Tensor, config=None):
+    ox, osf, pts = buffers(*x.shape)
+    kernels.stage_nvfp4_activations_per_token(x, ox, osf, pts, config=config)
+    return ox, osf, pts
+
+
+def check_static(x: torch.Tensor, scale: float | torch.Tensor, config=None) -> None:
+    ox, osf = stage_static(x, scale, config)
+    p, sf = quantize_nvfp4_activation_static(x, scale)
+    assert_bitwise_equal(ox, p, "x (packed E2M1)")
+    assert_bitwise_equal(osf, pack_sf_bytes_to_int32(sf), "x_sf (int32 words)")
+
+
+def assert_same_float(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), f"{what}: NaN positions differ"
+    assert_bitwise_equal(got[~nan], want[~nan], what)
+
+
+def canonical_nan_sf(sf: torch.Tensor) -> torch.Tensor:
+    """E4M3 NaN SF bytes as 0x7F.
+
+    formats' ``encode_ue4m3`` keeps a NaN's sign bit, and the sign of a NaN made
+    by ``inf/inf`` is the platform's (x86 CPUs: negative → byte 0xFF; CUDA:
+    positive → 0x7F). The kernels always write 0x7F, the byte formats documents.
+    """
+    b = sf.view(torch.uint8)
+    return torch.where(b == 0xFF, torch.full_like(b, 0x7F), b)
+
+
+def check_per_token(x: torch.Tensor, config=None) -> None:
+    ox, osf, pts = stage_per_token(x, config)
+    p, sf, rpts = quantize_nvfp4_activation_per_token(x)
+    sf = canonical_nan_sf(sf)
+    assert_bitwise_equal(ox, p, "x (packed E2M1)")
+    assert_bitwise_equal(osf, pack_sf_bytes_to_int32(sf), "x_sf (int32 words)")
+    assert_same_float(pts, rpts, "x_scales (per-token scale)")
+
+
+def random_x(t: int, h: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g) * torch.exp(torch.randn(t, 1, generator=g) * 2)
+    # blocks at very different magnitudes within a row
+    x = x * torch.exp(torch.randn(t, h // 16, 1, generator=g) * 1.5).repeat(1, 1, 16).reshape(t, h)
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)  # stay finite in fp16
+    return x.to(dtype)
+
+
+# --- every code point and tie as literal bytes ---------------------------------------------
+# With G = 1 (static) or pts = 2**-10 (per-token) these blocks reach E2M1 exactly.
+BLOCK_A = [6, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 0, 0.5, 1, 1.5, 2, 3, 4, -0.0]
+BYTES_A = [0x07, 0x22, 0x44, 0x66, 0x10, 0x32, 0x54, 0x06]
+BLOCK_B = [-6, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, -0.1, -0.5, -1, -1.5, -2, -3, -4, 0.0]
+BYTES_B = [0x8F, 0xAA, 0xCC, 0xEE, 0x98, 0xBA, 0xDC, 0x0E]
+# One bf16 ulp beside each tie; 6.25 saturates (its SF rounds down to 1.0).
+BLOCK_C = [6.25, 0.251953125, 0.74609375, 1.2578125, 1.7421875, 2.515625, 3.484375, 5.03125,
+           -6.25, -0.251953125, -0.74609375, -1.2578125, -1.7421875, -2.515625, -3.484375,
+           -5.03125]
+BYTES_C = [0x17, 0x31, 0x53, 0x75, 0x9F, 0xB9, 0xDB, 0xFD]
+# Block D has SF 448 (byte 0x7E, in byte 3 of the word): values/448 = 6, 3, -6, 0.5.
+BYTES_D = [0x57, 0x1F, 0, 0, 0, 0, 0, 0]
+WORD_ABCD = 0x7E383838  # SF bytes 0x38 (1.0), 0x38, 0x38, 0x7E (448)
+
+
+def tie_row(unit: float) -> torch.Tensor:
+    d = [448 * 6 * unit, 448 * 3 * unit, -448 * 6 * unit, 448 * 0.5 * unit] + [0.0] * 12
+    vals = [v * unit for v in BLOCK_A + BLOCK_B + BLOCK_C] + d
+    return torch.tensor([vals], dtype=torch.float32).to(torch.bfloat16)
+
+
+def test_static_every_code_point_and_tie_spelled_out() -> None:
+    x = tie_row(1.0)
+    ox, osf = stage_static(x, 1.0)
+    assert ox[0].tolist() == BYTES_A + BYTES_B + BYTES_C + BYTES_D
+    assert osf.tolist() == [[WORD_ABCD]]
+    check_static(x, 1.0)
+
+
+def test_per_token_every_code_point_and_tie_spelled_out() -> None:
+    x = tie_row(2.0**-10)  # row amax 2.625 = 2688 * 2**-10, so pts = 2**-10 exactly
+    ox, osf, pts = stage_per_token(x)
+    assert ox[0].tolist() == BYTES_A + BYTES_B + BYTES_C + BYTES_D
+    assert osf.tolist() == [[WORD_ABCD]]
+    assert pts.tolist() == [2.0**-10]
+    check_per_token(x)
+
+
+# --- bit-exact against formats -------------------------------------------------------------
+@pytest.mark.parametrize(("t", "h"), [(1, 64), (7, 192), (33, 3072), (256, 7168)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_static_matches_formats(t: int, h: int, dtype: torch.dtype) -> None:
+    x = random_x(t, h, dtype, seed=t + h)
+    amax = float(x.float().abs().amax())
+    check_static(x, amax / 2688)  # calibrated: largest SF 448
+    check_static(x, torch.tensor(amax / 2688 / 37.0))  # under-calibrated: SFs saturate at 448
+
+
+@pytest.mark.parametrize(("t", "h"), [(1, 64), (7, 192), (33, 3072), (256, 7168)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_per_token_matches_formats(t: int, h: int, dtype: torch.dtype) -> None:
+    check_per_token(random_x(t, h, dtype, seed=t * h))
+
+
+def edge_rows(h: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randn(10, h, generator=g)
+    rows[0] = 0.0  # zero row
+    rows[1, :16] = 0.0  # one zero block
+    rows[1, 16:32] *= 1e-3  # tiny block beside normal ones
+    rows[2] *= 1e-30  # underflows every SF of the static convention
+    rows[3] *= 1e4  # saturates the static SFs
+    rows[4, 5] = float("inf")
+    rows[5, 17] = float("-inf")
+    rows[6, 33] = float("nan")
+    rows[7] = -rows[7].abs() * 1e-3  # all negative, many round to -0 (code 8)
+    rows[8] = torch.tensor(2.0**-133)  # bf16 subnormals
+    rows[9, ::16] = 448.0 * 6
+    return rows.to(torch.bfloat16)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_static_edge_rows() -> None:
+    x = edge_rows(128)
+    for scale in (1.0, 2.0**-10, 3.3e-3, 1e-12, 1e20):
+        check_static(x, scale)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_per_token_edge_rows() -> None:
+    check_per_token(edge_rows(128))
+
+
+@settings(max_examples=15, deadline=None)
+@given(t=st.integers(1, 9), groups=st.integers(1, 12), log_scale=st.floats(-40, 40),
+       seed=st.integers(0, 2**31 - 1))
+def test_static_property(t: int, groups: int, log_scale: float, seed: int) -> None:
+    x = random_x(t, 64 * groups, seed=seed)
+    check_static(x, 2.0**log_scale)
+    check_per_token(x)
+
+
+# --- shapes, tiles and buffer contract -----------------------------------------------------
+CONFIGS = [(1, 64), (2, 128), (4, 256), (8, 64), (16, 128)]
+
+
+@pytest.mark.parametrize(("rows", "block"), CONFIGS)
+def test_results_do_not_depend_on_the_tile(rows: int, block: int) -> None:
+    cfg = kernels.TileConfig(rows=rows, block=block)
+    x = random_x(13, 256, seed=5)  # 13 is not a multiple of any tile's rows
+    check_static(x, 0.01, cfg)
+    check_per_token(x, cfg)
+
+
+def test_zero_tokens_touch_nothing() -> None:
+    x = torch.empty(0, 7168, dtype=torch.bfloat16)
+    ox, osf, pts = buffers(0, 7168)
+    kernels.stage_nvfp4_activations_static(x, 0.5, ox, osf)
+    kernels.stage_nvfp4_activations_per_token(x, ox, osf, pts)
+    assert ox.shape == (0, 3584) and osf.shape == (0, 112) and pts.shape == (0,)
+    check_static(x, 0.5)
+    check_per_token(x)
+
+
+@pytest.mark.parametrize("t", [1, 3, 5])
+def test_odd_token_counts(t: int) -> None:
+    x = random_x(t, 7168, seed=t)
+    check_static(x, 0.02)
+    check_per_token(x)
+
+
+def test_writes_stay_inside_the_callers_rows_and_columns() -> None:
+    """Packed nibble pairs: exactly H/2 bytes per row and H/64 words, nothing beyond."""
+    t, h = 5, 192
+    x = random_x(t, h, seed=3)
+    big_x = torch.full((t + 3, h // 2 + 16), POISON_BYTE, dtype=torch.uint8)
+    big_sf = torch.full((t + 3, h // 64 + 4), POISON_WORD, dtype=torch.int32)
+    big_pts = torch.full((t + 3,), -1.0)
+    for per_token in (False, True):
+        out_x, out_sf, out_pts = big_x[:t, : h // 2], big_sf[:t, : h // 64], big_pts[:t]
+        if per_token:
+            kernels.stage_nvfp4_activations_per_token(x, out_x, out_sf, out_pts)
+            p, sf, pts = quantize_nvfp4_activation_per_token(x)
+            assert_bitwise_equal(out_pts, pts, "x_scales")
+        else:
+            kernels.stage_nvfp4_activations_static(x, 0.01, out_x, out_sf)
+            p, sf = quantize_nvfp4_activation_static(x, 0.01)
+        assert_bitwise_equal(out_x, p, "x inside the caller's view")
+        assert_bitwise_equal(out_sf, pack_sf_bytes_to_int32(sf), "x_sf inside the caller's view")
+        assert bool((big_x[t:] == POISON_BYTE).all()) and bool((big_x[:, h // 2:] == POISON_BYTE)
+                                                                .all())
+        assert bool((big_sf[t:] == POISON_WORD).all()) and bool((big_sf[:, h // 64:]
+                                                                 == POISON_WORD).all())
+        assert bool((big_pts[t:] == -1.0).all())
+        assert bool(((out_x >> 4) != 0).any()), "high nibbles must carry the odd elements"
+
+
+def test_int8_output_buffer_accepted() -> None:
+    x = random_x(3, 128, seed=9)
+    out_x = torch.zeros(3, 64, dtype=torch.int8)
+    out_sf = torch.zeros(3, 2, dtype=torch.int32)
+    kernels.stage_nvfp4_activations_static(x, 0.01, out_x, out_sf)
+    p, _ = quantize_nvfp4_activation_static(x, 0.01)
+    assert_bitwise_equal(out_x.view(torch.uint8), p, "x via an int8 buffer")
+
+
+def test_strided_input_rows() -> None:
+    base = random_x(6, 256, seed=11)
+    x = base[::2, :192]  # row stride 512, unit column stride
+    check_static(x, 0.01)
+    check_per_token(x)
+
+
+# --- bad input: one clear FormatError ------------------------------------------------------
+def _static_call(x, scale=0.01, out_x=None, out_sf=None):
+    t, h = x.shape if x.dim() == 2 else (1, 64)
+    ox = torch.zeros(t, h // 2, dtype=torch.uint8) if out_x is None else out_x
+    osf = torch.zeros(t, max(h // 64, 1), dtype=torch.int32) if out_sf is None else out_sf
+    kernels.stage_nvfp4_activations_static(x, scale, ox, osf)
+
+
+@pytest.mark.parametrize("h", [16, 48, 96, 7160])
+def test_hidden_not_a_multiple_of_64_is_rejected(h: int) -> None:
+    with pytest.raises(FormatError, match=r"^x: expected hidden size H a positive multiple of 64"):
+        _static_call(torch.zeros(2, h, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize(("kwargs", "pattern"), [
+    ({"x": torch.zeros(128, dtype=torch.bfloat16)}, r"^x: expected a 2-D tensor"),
+    ({"x": torch.zeros(2, 128)}, r"^x: expected dtype torch.bfloat16 or torch.float16"),
+    ({"out_x": torch.zeros(2, 128, dtype=torch.uint8)}, r"^out_x: expected shape \(2, 64\)"),
+    ({"out_sf": torch.zeros(2, 8, dtype=torch.uint8)}, r"^out_x_sf: expected dtype torch.int32"),
+    ({"out_sf": torch.zeros(2, 8, dtype=torch.int32)}, r"^out_x_sf: expected shape \(2, 2\)"),
+    ({"scale": 0.0}, r"^input_scale: expected a finite value > 0"),
+    ({"scale": -1.0}, r"^input_scale: expected a finite value > 0"),
+    ({"scale": float("inf")}, r"^input_scale: expected a finite value > 0"),
+    ({"scale": float("nan")}, r"^input_scale: expected a finite value > 0"),
+    ({"scale": torch.tensor([0.0])}, r"^input_scale: expected a finite value > 0"),
+    ({"scale": torch.ones(2)}, r"^input_scale: expected one element"),
+])
+def test_static_bad_input(kwargs: dict, pattern: str) -> None:
+    x = kwargs.pop("x", torch.zeros(2, 128, dtype=torch.bfloat16))
+    with pytest.raises(FormatError, match=pattern):
+        _static_call(x, **kwargs)
+
+
+def test_non_unit_stride_along_h_is_rejected() -> None:
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)[:, ::2]
+    with pytest.raises(FormatError, match=r"^x: expected unit stride along H"):
+        _static_call(x)
+
+
+def test_per_token_bad_scales_buffer() -> None:
+    x = torch.zeros(3, 64, dtype=torch.bfloat16)
+    ox, osf, _ = buffers(3, 64)
+    with pytest.raises(FormatError, match=r"^out_x_scales: expected shape \(3,\)"):
+        kernels.stage_nvfp4_activations_per_token(x, ox, osf, torch.zeros(3, 1))
+    with pytest.raises(FormatError, match=r"^out_x_scales: expected dtype torch.float32"):
+        kernels.stage_nvfp4_activations_per_token(x, ox, osf, torch.zeros(3, dtype=torch.float16))
