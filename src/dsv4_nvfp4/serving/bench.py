@@ -87,12 +87,12 @@ def bench_command(override: str | None = None) -> list[str]:
 
 _SUBJECTS = ("a train", "a baker", "a farmer", "a library", "a cyclist", "a school", "a garden")
 _TASKS = (
-    "Explain in a few sentences how {s} could plan its week, step by step.",
-    "Write a short story about {s} that learns something new.",
+    "Explain in {b} sentences how {s} could plan its week, step by step.",
+    "Write a short story of about {a} words about {s} that learns something new.",
     "If {s} handles {a} items each day for {b} days, how many items is that? Show your work.",
-    "Give three practical tips for {s} to save time, and explain each one.",
-    "Summarize the main risks {s} faces in winter and how to reduce them.",
-    "Write a Python function that counts how often {s} appears in a list of strings.",
+    "Give {b} practical tips for {s} to save time, and explain each one.",
+    "Summarize in {a} words the main risks {s} faces in winter and how to reduce them.",
+    "Write a Python function that counts how often {s} appears in the first {a} strings.",
     "Compare two ways {s} could reduce costs by {a} percent, with pros and cons.",
     "Translate into French: '{s} opens at {a} o'clock and closes after {b} hours.'",
 )
