@@ -41,11 +41,12 @@ from dsv4_nvfp4.vllm_plugin.moe_selection import (
     MoeFacts,
     select_moe_backend,
 )
+from dsv4_nvfp4.vllm_plugin.patch_register import MEGA_EXPERTS_SUBSTITUTION
 
 logger = logging.getLogger("vllm.dsv4_nvfp4.deepseek_v4")
 
-NVIDIA_MODEL_MODULE = "vllm.models.deepseek_v4.nvidia.model"
-MEGA_EXPERTS_SYMBOL = "DeepseekV4MegaMoEExperts"
+NVIDIA_MODEL_MODULE = MEGA_EXPERTS_SUBSTITUTION.module
+MEGA_EXPERTS_SYMBOL = MEGA_EXPERTS_SUBSTITUTION.symbol
 CLASS_NAMES = ("DeepseekV4ForCausalLM", "DeepSeekV4MTP")
 
 # Expert input scales keep their name; every other ``.input_scale`` still gets
@@ -167,8 +168,11 @@ def decide(vllm_config: Any, *, nvidia: bool) -> MoeDecision | None:
 def _classes() -> dict[str, type]:
     import vllm.models.deepseek_v4 as v4
 
-    base = v4.DeepseekV4ForCausalLM
-    mtp_base = v4.DeepSeekV4MTP
+    return build_overlay_classes(v4.DeepseekV4ForCausalLM, v4.DeepSeekV4MTP)
+
+
+def build_overlay_classes(base: type, mtp_base: type) -> dict[str, type]:
+    """Our subclasses of vLLM's platform classes ``base`` / ``mtp_base`` (see module docstring)."""
     nvidia = base.__module__ == NVIDIA_MODEL_MODULE
 
     class DeepseekV4ForCausalLM(base):  # type: ignore[misc, valid-type]

@@ -230,8 +230,9 @@ def classes() -> tuple[type, type]:
                                  alphas=call.alphas)
             return call.y
 
-    for cls in (NvFp4MegaMoEBackend, NvFp4MegaMoEExperts):
+    for cls in (NvFp4MegaMoEBackend, NvFp4MegaMoEExperts):  # importable by reference
         cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
     return NvFp4MegaMoEBackend, NvFp4MegaMoEExperts
 
 

@@ -153,6 +153,47 @@ def install(patches: tuple[Patch, ...]) -> list[str]:
     return [p.name for p in patches]
 
 
+@dataclass(frozen=True)
+class ScopedSubstitution:
+    """A vLLM module global swapped only while one of OUR constructors runs, then restored.
+
+    Not a patch of vLLM's behaviour for anyone else: outside the ``with`` block
+    the original object is back (also on error). Listed here because it still
+    depends on a vLLM internal name.
+    """
+
+    name: str
+    module: str
+    symbol: str
+    scope: str
+    why: str
+    upstream: str
+    remove_when: str
+
+
+MEGA_EXPERTS_SUBSTITUTION = ScopedSubstitution(
+    name="nvfp4_mega_experts",
+    module="vllm.models.deepseek_v4.nvidia.model",
+    symbol="DeepseekV4MegaMoEExperts",
+    scope="dsv4_nvfp4.vllm_plugin.deepseek_v4 DeepseekV4ForCausalLM/DeepSeekV4MTP __init__",
+    why=(
+        "DeepseekV4MoE._init_mega_moe_experts builds the MXFP4-only class by its module "
+        "global name; NVFP4 layers need NvFp4MegaMoEExperts (else KeyError "
+        "experts.w13_input_scale at load, vllm#43454)"
+    ),
+    upstream="vllm#43454 (NVFP4 + deep_gemm_mega_moe); no hook for an experts class in 0.32.0",
+    remove_when=(
+        "vLLM lets a quant method or plugin choose the DeepSeek V4 mega-MoE experts class, "
+        "or ships NVFP4 mega-MoE experts itself"
+    ),
+)
+
+
+def all_scoped() -> tuple[ScopedSubstitution, ...]:
+    """Every scoped substitution the plugin performs."""
+    return (MEGA_EXPERTS_SUBSTITUTION,)
+
+
 def all_patches() -> tuple[Patch, ...]:
     """Every patch the plugin knows, in application order."""
     from dsv4_nvfp4.vllm_plugin.cpu_fixes import CPU_TILE_SCHEDULER_PATCH
