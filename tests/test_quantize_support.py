@@ -13,13 +13,13 @@ through its conversion mapping exactly like a real converted checkpoint.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from dsv4_nvfp4.checkpoint.tiny_model import tiny_config, tiny_state_dict, tokenizer_files
+from dsv4_nvfp4.checkpoint.layouts import Layout
+from dsv4_nvfp4.checkpoint.tiny import build, write_checkpoint
+from dsv4_nvfp4.checkpoint.tiny_model import tiny_config
 
 SMALL = {
     "hidden_size": 64, "num_attention_heads": 2, "head_dim": 64, "qk_rope_head_dim": 32,
@@ -38,18 +38,16 @@ def small_config(mtp: bool = True) -> dict:
 
 
 def write_small_checkpoint(out: Path, mtp: bool = True, seed: int = 0,
-                           edit=None) -> Path:
-    """Write the small BF16 checkpoint; ``edit(state_dict)`` may change tensors first."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = small_config(mtp)
-    sd = tiny_state_dict(cfg, seed=seed)
+                           edit=None, layout: Layout = Layout.BF16) -> Path:
+    """Write the small checkpoint in ``layout`` (sharded, with an index, as real releases are).
+
+    ``edit(state_dict)`` may change the BF16 tensors first (BF16 only).
+    """
+    tensors, config, side = build(layout, small_config(mtp), seed)
     if edit is not None:
-        edit(sd)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for name, text in tokenizer_files().items():
-        (out / name).write_text(text, encoding="utf-8")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    return out
+        assert layout is Layout.BF16
+        edit(tensors)
+    return write_checkpoint(out, tensors, config, side, max_shard_bytes=256 * 1024)
 
 
 def block_expert(layer: int, expert: int):

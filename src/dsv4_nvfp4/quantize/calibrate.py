@@ -38,7 +38,9 @@ def _home_device(model: nn.Module, name: str) -> torch.device:
     while parts:
         parts.pop()
         mod = model.get_submodule(".".join(parts))
-        p = next(mod.parameters(recurse=False), None) or next(mod.parameters(), None)
+        p = next(mod.parameters(recurse=False), None)
+        if p is None:
+            p = next(mod.parameters(), None)
         if p is not None and p.device.type != "meta":
             return p.device
     return torch.device("cpu")
