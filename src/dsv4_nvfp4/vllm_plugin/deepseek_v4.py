@@ -126,8 +126,12 @@ def mega_experts_factory(original: type, nvfp4_cls: type, quant_cfg: dict[str, A
     """Stand-in for ``DeepseekV4MegaMoEExperts(vllm_config, **kw)``: NVFP4 layers get ours."""
 
     def build(vllm_config: Any, **kwargs: Any) -> Any:
-        name = checkpoint_experts_name(kwargs.get("prefix", ""), num_hidden_layers)
+        prefix = kwargs.get("prefix", "")
+        name = checkpoint_experts_name(prefix, num_hidden_layers)
         nvfp4 = name is not None and experts_are_nvfp4(name, quant_cfg)
+        if not nvfp4:
+            logger.info("dsv4_nvfp4: %s keeps vLLM's MXFP4 mega-MoE experts (the checkpoint "
+                        "does not quantize them to NVFP4)", prefix)
         return (nvfp4_cls if nvfp4 else original)(vllm_config, **kwargs)
 
     return build
