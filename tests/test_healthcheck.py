@@ -106,3 +106,13 @@ def test_after_stop_probe_reports_loading_and_processes_are_gone(stopped_tiny_se
     assert srv.server.proc is not None and srv.server.proc.returncode is not None
     with pytest.raises(ProcessLookupError):  # no engine core or worker left in its group
         os.killpg(srv.pid, 0)
+
+
+@pytest.mark.cpu
+def test_cli_health_runs_the_same_probe(capsys) -> None:
+    from dsv4_nvfp4.serving import health
+
+    port = free_port()
+    assert health.main(["ready", "--url", f"http://127.0.0.1:{port}", "--timeout", "5"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"ready still loading: connection refused at http://127.0.0.1:{port}")

@@ -20,17 +20,25 @@ def test_bench_tiny_sweep_writes_json_and_plot(tiny_server, tmp_path) -> None:
     out = tmp_path / "bench"
     code = bench.main(
         [
-            "--url", tiny_server.url,
-            "--api-key", tiny_server.api_key,
-            "--gpus", "1",
-            "--concurrency", "2",
-            "--num-prompts", "2",
-            "--input-len", "16",
-            "--output-len", "4",
+            "--url",
+            tiny_server.url,
+            "--api-key",
+            tiny_server.api_key,
+            "--gpus",
+            "1",
+            "--concurrency",
+            "2",
+            "--num-prompts",
+            "2",
+            "--input-len",
+            "16",
+            "--output-len",
+            "4",
             "--no-thinking",
-            "--out-dir", str(out),
+            "--out-dir",
+            str(out),
         ]
-    )  # fmt: skip
+    )
     assert code == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["model"] == tiny_server.model and report["gpus"] == 1

@@ -23,15 +23,22 @@ def test_eval_two_question_task(tiny_server, tmp_path, capsys) -> None:
     out = tmp_path / "eval"
     code = lm_eval_wrapper.main(
         [
-            "--url", tiny_server.url,
-            "--api-key", tiny_server.api_key,
-            "--local-task", str(DATA),
-            "--num-fewshot", "2",
-            "--max-gen-toks", "8",
-            "--num-concurrent", "2",
-            "--out-dir", str(out),
+            "--url",
+            tiny_server.url,
+            "--api-key",
+            tiny_server.api_key,
+            "--local-task",
+            str(DATA),
+            "--num-fewshot",
+            "2",
+            "--max-gen-toks",
+            "8",
+            "--num-concurrent",
+            "2",
+            "--out-dir",
+            str(out),
         ]
-    )  # fmt: skip
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     summary = json.loads((out / "eval.json").read_text())

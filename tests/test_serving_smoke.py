@@ -34,13 +34,17 @@ def test_smoke_on_tiny_server(tiny_server, tmp_path, capsys) -> None:
     report_path = tmp_path / "smoke.json"
     code = smoke.main(
         [
-            "--url", tiny_server.url,
-            "--api-key", tiny_server.api_key,
+            "--url",
+            tiny_server.url,
+            "--api-key",
+            tiny_server.api_key,
             "--random-model",
-            "--concurrency", "64",
-            "--json", str(report_path),
+            "--concurrency",
+            "64",
+            "--json",
+            str(report_path),
         ]
-    )  # fmt: skip
+    )
     out = capsys.readouterr().out
     report = json.loads(report_path.read_text())
     status = {c["name"]: c["status"] for c in report["checks"]}
@@ -64,9 +68,17 @@ def test_smoke_on_tiny_server(tiny_server, tmp_path, capsys) -> None:
 def test_smoke_wrong_api_key_fails_and_names_checks(tiny_server, tmp_path, capsys) -> None:
     report_path = tmp_path / "smoke.json"
     code = smoke.main(
-        ["--url", tiny_server.url, "--api-key", "wrong", "--checks", "health,models,completions",
-         "--json", str(report_path)]
-    )  # fmt: skip
+        [
+            "--url",
+            tiny_server.url,
+            "--api-key",
+            "wrong",
+            "--checks",
+            "health,models,completions",
+            "--json",
+            str(report_path),
+        ]
+    )
     out = capsys.readouterr().out
     report = json.loads(report_path.read_text())
     assert code == 1

@@ -168,32 +168,64 @@ class RunResult:
     result_file: str
 
 
-def _bench_args(cfg: BenchConfig, dataset: str, conc: int, n: int, chat_path: Path | None,
-                result_dir: Path, result_name: str) -> list[str]:  # fmt: skip
+def _bench_args(
+    cfg: BenchConfig,
+    dataset: str,
+    conc: int,
+    n: int,
+    chat_path: Path | None,
+    result_dir: Path,
+    result_name: str,
+) -> list[str]:
     args = [
-        "--backend", "openai-chat",
-        "--endpoint", "/v1/chat/completions",
-        "--base-url", cfg.url.rstrip("/"),
-        "--model", str(cfg.model),
-        "--tokenizer", str(cfg.tokenizer or cfg.model),
-        "--tokenizer-mode", cfg.tokenizer_mode,
-        "--num-prompts", str(n),
-        "--max-concurrency", str(conc),
-        "--request-rate", "inf",
+        "--backend",
+        "openai-chat",
+        "--endpoint",
+        "/v1/chat/completions",
+        "--base-url",
+        cfg.url.rstrip("/"),
+        "--model",
+        str(cfg.model),
+        "--tokenizer",
+        str(cfg.tokenizer or cfg.model),
+        "--tokenizer-mode",
+        cfg.tokenizer_mode,
+        "--num-prompts",
+        str(n),
+        "--max-concurrency",
+        str(conc),
+        "--request-rate",
+        "inf",
         "--ignore-eos",
-        "--seed", "0",
-        "--percentile-metrics", "ttft,tpot,itl,e2el",
+        "--seed",
+        "0",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
         "--save-result",
-        "--result-dir", str(result_dir),
-        "--result-filename", result_name,
+        "--result-dir",
+        str(result_dir),
+        "--result-filename",
+        result_name,
         "--disable-tqdm",
-    ]  # fmt: skip
+    ]
     if dataset == "random":
-        args += ["--dataset-name", "random", "--random-input-len", str(cfg.input_len),
-                 "--random-output-len", str(cfg.output_len)]  # fmt: skip
+        args += [
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            str(cfg.input_len),
+            "--random-output-len",
+            str(cfg.output_len),
+        ]
     else:
-        args += ["--dataset-name", "sharegpt", "--dataset-path", str(chat_path),
-                 "--sharegpt-output-len", str(cfg.output_len)]  # fmt: skip
+        args += [
+            "--dataset-name",
+            "sharegpt",
+            "--dataset-path",
+            str(chat_path),
+            "--sharegpt-output-len",
+            str(cfg.output_len),
+        ]
     if not cfg.thinking:
         args += ["--extra-body", json.dumps({"chat_template_kwargs": {"thinking": False}})]
     return args
@@ -207,8 +239,9 @@ def _metrics(http: httpx.Client) -> prom.Samples | None:
     return prom.parse(resp.text) if resp.status_code == 200 else None
 
 
-def run_one(cfg: BenchConfig, http: httpx.Client, dataset: str, conc: int,
-            chat_path: Path | None) -> RunResult:  # fmt: skip
+def run_one(
+    cfg: BenchConfig, http: httpx.Client, dataset: str, conc: int, chat_path: Path | None
+) -> RunResult:
     """One ``vllm bench serve`` run; BenchError with the log tail if it fails."""
     n = cfg.num_prompts or max(cfg.min_prompts, cfg.prompts_per_concurrency * conc)
     name = f"{dataset}-c{conc}.json"
@@ -224,8 +257,9 @@ def run_one(cfg: BenchConfig, http: httpx.Client, dataset: str, conc: int,
     before = _metrics(http)
     log = raw_dir / f"{dataset}-c{conc}.log"
     with open(log, "wb") as out:
-        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=cfg.timeout_s, check=False)  # fmt: skip
+        proc = subprocess.run(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=cfg.timeout_s, check=False
+        )
     result_path = raw_dir / name
     if proc.returncode != 0 or not result_path.is_file():
         tail = "\n".join(log.read_text("utf-8", "replace").splitlines()[-15:])
@@ -267,13 +301,21 @@ def plot(runs: list[RunResult], gpus: int, path: Path, title: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for dataset in sorted({r.dataset for r in runs}):
-        pts = sorted((r.interactivity, r.tput_per_gpu, r.concurrency) for r in runs
-                     if r.dataset == dataset)  # fmt: skip
+        pts = sorted(
+            (r.interactivity, r.tput_per_gpu, r.concurrency) for r in runs if r.dataset == dataset
+        )
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{dataset} prompts")
         for x, y, c in pts:
             ax.annotate(f"c={c}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.plot([ANCHOR["interactivity"]], [ANCHOR["tput_per_gpu"]], marker="*", markersize=14,
-            linestyle="none", color="black", label=ANCHOR["label"])  # fmt: skip
+    ax.plot(
+        [ANCHOR["interactivity"]],
+        [ANCHOR["tput_per_gpu"]],
+        marker="*",
+        markersize=14,
+        linestyle="none",
+        color="black",
+        label=ANCHOR["label"],
+    )
     ax.set_xlabel("tokens/s per user (1000 / median TPOT ms)")
     ax.set_ylabel(f"throughput per GPU (total tokens/s / {gpus} GPU{'s' * (gpus > 1)})")
     ax.set_yscale("log")
@@ -296,12 +338,13 @@ def sweep(cfg: BenchConfig) -> dict:
         models = http.get("/v1/models")
         models.raise_for_status()
         data = models.json()["data"]
-        entry = data[0] if cfg.model is None else next(
-            (m for m in data if m["id"] == cfg.model), None
-        )  # fmt: skip
+        entry = (
+            data[0] if cfg.model is None else next((m for m in data if m["id"] == cfg.model), None)
+        )
         if entry is None:
-            raise BenchError(f"model {cfg.model!r} not served; /v1/models lists "
-                             f"{[m['id'] for m in data]}")  # fmt: skip
+            raise BenchError(
+                f"model {cfg.model!r} not served; /v1/models lists {[m['id'] for m in data]}"
+            )
         cfg.model = entry["id"]
         if cfg.tokenizer is None:
             root = entry.get("root")
@@ -317,9 +360,12 @@ def sweep(cfg: BenchConfig) -> dict:
                 runs.append(res)
                 mtp = res.mtp
                 mtp_txt = f", MTP AL {mtp['mean_accepted_length']:.2f}" if mtp else ""
-                print(f"bench {dataset:>6} c={conc:<4} {res.completed}/{res.num_prompts} ok, "
-                      f"{res.tput_per_gpu:9.1f} tok/s/GPU, {res.interactivity:6.1f} tok/s/user"
-                      f"{mtp_txt} ({time.monotonic() - t0:.0f} s)", flush=True)  # fmt: skip
+                print(
+                    f"bench {dataset:>6} c={conc:<4} {res.completed}/{res.num_prompts} ok, "
+                    f"{res.tput_per_gpu:9.1f} tok/s/GPU, {res.interactivity:6.1f} tok/s/user"
+                    f"{mtp_txt} ({time.monotonic() - t0:.0f} s)",
+                    flush=True,
+                )
     report = {
         "url": cfg.url,
         "model": cfg.model,
@@ -334,8 +380,12 @@ def sweep(cfg: BenchConfig) -> dict:
         "anchor": ANCHOR,
         "runs": [asdict(r) for r in runs],
     }
-    png = plot(runs, cfg.gpus, cfg.out_dir / "bench.png",
-               f"{cfg.model}: {cfg.input_len} in / {cfg.output_len} out")  # fmt: skip
+    png = plot(
+        runs,
+        cfg.gpus,
+        cfg.out_dir / "bench.png",
+        f"{cfg.model}: {cfg.input_len} in / {cfg.output_len} out",
+    )
     report["plot"] = str(png)
     out = cfg.out_dir / "bench.json"
     tmp = out.with_name(".bench.json.tmp")
@@ -361,19 +411,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=DEFAULT_URL)
     p.add_argument("--model", default=None, help="served model (default: first listed)")
     p.add_argument("--api-key", default=None, help="default: $VLLM_API_KEY")
-    p.add_argument("--tokenizer", default=None,
-                   help="default: the served model's root path if it exists here")  # fmt: skip
+    p.add_argument(
+        "--tokenizer", default=None, help="default: the served model's root path if it exists here"
+    )
     p.add_argument("--tokenizer-mode", default="deepseek_v4")
     p.add_argument("--gpus", type=int, default=8, help="GPUs serving the model (8)")
-    p.add_argument("--concurrency", type=_int_list, default=[1, 8, 32, 64, 128, 256],
-                   help="comma-separated sweep (1,8,32,64,128,256)")  # fmt: skip
+    p.add_argument(
+        "--concurrency",
+        type=_int_list,
+        default=[1, 8, 32, 64, 128, 256],
+        help="comma-separated sweep (1,8,32,64,128,256)",
+    )
     p.add_argument("--prompts-per-concurrency", type=int, default=4)
     p.add_argument("--num-prompts", type=int, default=None, help="fixed prompts per run")
     p.add_argument("--input-len", type=int, default=1024, help="random prompts' tokens (1024)")
     p.add_argument("--output-len", type=int, default=1024, help="output tokens (1024)")
     p.add_argument("--datasets", default="random,chat", help="random,chat (default both)")
-    p.add_argument("--chat-dataset", type=Path, default=None,
-                   help="ShareGPT-format JSON of chat prompts (default: generated)")  # fmt: skip
+    p.add_argument(
+        "--chat-dataset",
+        type=Path,
+        default=None,
+        help="ShareGPT-format JSON of chat prompts (default: generated)",
+    )
     p.add_argument("--no-thinking", action="store_true", help="chat_template_kwargs thinking off")
     p.add_argument("--bench-cmd", default=None, help="command that runs 'vllm bench serve'")
     p.add_argument("--out-dir", type=Path, default=Path("reports/bench"))
@@ -407,8 +466,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="concurrency sweep with vllm bench serve + plot",
-                              description=__doc__)  # fmt: skip
+    p = subparsers.add_parser(
+        "bench", help="concurrency sweep with vllm bench serve + plot", description=__doc__
+    )
     add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -422,8 +482,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench: {err}", file=sys.stderr)
         return 1
     failed = sum(r["failed"] for r in report["runs"])
-    print(f"bench: {len(report['runs'])} runs, {failed} failed requests; "
-          f"{report['json']}, {report['plot']}")  # fmt: skip
+    print(
+        f"bench: {len(report['runs'])} runs, {failed} failed requests; "
+        f"{report['json']}, {report['plot']}"
+    )
     return 0 if failed == 0 else 1
 
 

@@ -114,9 +114,24 @@ def lm_eval_argv(cfg: EvalConfig, task: str, include: Path | None, out: Path) ->
             f"max_gen_toks={cfg.max_gen_toks}",
         ]
     )
-    argv = [*cfg.lm_eval_cmd, "run", "--model", "local-completions", "--model_args", model_args,
-            "--tasks", task, "--num_fewshot", str(cfg.num_fewshot), "--batch_size", "1",
-            "--output_path", str(out), "--seed", "0"]  # fmt: skip
+    argv = [
+        *cfg.lm_eval_cmd,
+        "run",
+        "--model",
+        "local-completions",
+        "--model_args",
+        model_args,
+        "--tasks",
+        task,
+        "--num_fewshot",
+        str(cfg.num_fewshot),
+        "--batch_size",
+        "1",
+        "--output_path",
+        str(out),
+        "--seed",
+        "0",
+    ]
     if include is not None:
         argv += ["--include_path", str(include)]
     if cfg.limit is not None:
@@ -149,8 +164,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     log = cfg.out_dir / "lm_eval.log"
     t0 = time.time()
     with open(log, "wb") as f:
-        proc = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT,
-                              timeout=cfg.timeout_s, check=False)  # fmt: skip
+        proc = subprocess.run(
+            argv, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=cfg.timeout_s, check=False
+        )
     if proc.returncode != 0:
         tail = "\n".join(log.read_text("utf-8", "replace").splitlines()[-15:])
         raise EvalError(f"lm-eval exited with {proc.returncode}; log {log}:\n{tail}")
@@ -203,8 +219,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-concurrent", type=int, default=32, help="parallel requests (32)")
     p.add_argument("--max-gen-toks", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    p.add_argument("--local-task", type=Path, default=None,
-                   help="dir with train.jsonl/test.jsonl in GSM8K format (offline)")  # fmt: skip
+    p.add_argument(
+        "--local-task",
+        type=Path,
+        default=None,
+        help="dir with train.jsonl/test.jsonl in GSM8K format (offline)",
+    )
     p.add_argument("--min-score", type=float, default=None, help="fail below this strict-match")
     p.add_argument("--out-dir", type=Path, default=Path("reports/eval"))
 
@@ -226,8 +246,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="GSM8K 8-shot with lm-eval against the server",
-                              description=__doc__)  # fmt: skip
+    p = subparsers.add_parser(
+        "eval", help="GSM8K 8-shot with lm-eval against the server", description=__doc__
+    )
     add_arguments(p)
     p.set_defaults(func=run)
     return p

@@ -45,9 +45,10 @@ def parse(text: str) -> Samples:
 def total(samples: Samples, name: str, **match: str) -> float | None:
     """Sum of ``name`` over the label sets matching ``match``; None if the metric is absent."""
     values = [
-        v for n, labels, v in samples
+        v
+        for n, labels, v in samples
         if n == name and all(labels.get(k) == want for k, want in match.items())
-    ]  # fmt: skip
+    ]
     return sum(values) if values else None
 
 
@@ -66,9 +67,11 @@ def spec_decode_stats(
     after: Samples, before: Samples | None = None, model: str | None = None
 ) -> SpecDecodeStats | None:
     """Acceptance over the window between two snapshots (or since start); None without MTP."""
-    match = {"model_name": model} if model and any(
-        "model_name" in labels for n, labels, _ in after if n == DRAFTS
-    ) else {}  # fmt: skip
+    match = (
+        {"model_name": model}
+        if model and any("model_name" in labels for n, labels, _ in after if n == DRAFTS)
+        else {}
+    )
     now = [total(after, name, **match) for name in (DRAFTS, DRAFT_TOKENS, ACCEPTED)]
     if any(v is None for v in now):
         return None

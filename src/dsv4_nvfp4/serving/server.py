@@ -190,7 +190,8 @@ class LocalServer:
             f"{self.log_tail()}"
         )
 
-    def _group_alive(self) -> bool:
+    def group_alive(self) -> bool:
+        """Whether any process of the server's process group (API, engine, workers) lives."""
         assert self.proc is not None
         try:
             os.killpg(self.proc.pid, 0)
@@ -219,9 +220,9 @@ class LocalServer:
                 proc.wait(timeout=10)
         # The engine core and workers share the group: give them a moment, then kill.
         deadline = time.monotonic() + 10
-        while self._group_alive() and time.monotonic() < deadline:
+        while self.group_alive() and time.monotonic() < deadline:
             time.sleep(0.2)
-        if self._group_alive():
+        if self.group_alive():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         if self._log_file is not None:

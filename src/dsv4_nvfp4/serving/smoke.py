@@ -530,8 +530,9 @@ def check_mtp(ctx: Context) -> CheckResult:
         f"acceptance {stats.acceptance_rate:.3f}, mean accepted length "
         f"{stats.mean_accepted_length:.2f} over {stats.drafts} drafts ({stats.window})"
     )
-    return CheckResult("mtp", FAIL if problems else PASS,
-                       "; ".join([*problems, detail]), data=asdict(stats))  # fmt: skip
+    return CheckResult(
+        "mtp", FAIL if problems else PASS, "; ".join([*problems, detail]), data=asdict(stats)
+    )
 
 
 CHECKS: dict[str, Callable[[Context], CheckResult]] = {
