@@ -1,0 +1,197 @@
+"""H100: ModelOpt NVFP4 quantization of a DeepSeek V4 on a real GPU, both recipes, end to end.
+
+Runs ``dsv4-nvfp4 quantize`` with ``--device-map auto`` (accelerate, the
+multi-GPU code path) and ModelOpt's own CUDA fake-quant kernels, then:
+``verify`` the export, ``convert`` it to layout B, ``verify`` again, and
+compare every dequantized weight with the BF16 original (relative error
+``||deq - w|| / ||w||`` per tensor kind). Also checks that the CPU kernel CI
+uses (``cpu_fakequant``) agrees with ModelOpt's CUDA kernel.
+
+The model is generated here (no download) at sizes a bit larger than the CPU
+tests' so the per-kind statistics mean something. Results go to
+``$QUANTIZE_REPORT_DIR`` (``quantize_h100.json`` and ``.md``) when set.
+
+Run on the device machine: ``python3 -m pytest -q -s tests/gpu/test_quantize_h100.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+pytestmark = pytest.mark.h100
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from test_quantize_support import small_config  # noqa: E402
+
+from dsv4_nvfp4.checkpoint.layouts import Layout  # noqa: E402
+from dsv4_nvfp4.checkpoint.names import c_to_deepseek  # noqa: E402
+from dsv4_nvfp4.checkpoint.tiny import build, write_checkpoint  # noqa: E402
+from dsv4_nvfp4.formats import (  # noqa: E402
+    dequantize_fp8_block,
+    dequantize_mxfp4,
+    dequantize_nvfp4,
+)
+from dsv4_nvfp4.quantize import main  # noqa: E402
+
+MEDIUM = {"hidden_size": 512, "num_attention_heads": 4, "head_dim": 128, "qk_rope_head_dim": 64,
+          "q_lora_rank": 256, "o_groups": 2, "o_lora_rank": 256, "n_routed_experts": 16,
+          "num_experts_per_tok": 4, "moe_intermediate_size": 256, "index_n_heads": 4,
+          "index_head_dim": 64, "index_topk": 64, "sliding_window": 64}
+RESULTS: dict = {}
+
+
+def medium_config() -> dict:
+    cfg = small_config(mtp=True)
+    cfg.update(MEDIUM)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def srcs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("h100")
+    out = {}
+    for key, layout in (("bf16", Layout.BF16), ("a", Layout.A)):
+        t, c, side = build(layout, medium_config(), seed=0)
+        out[key] = write_checkpoint(root / key, t, c, side, max_shard_bytes=16 << 20)
+    out["root"] = root
+    return out
+
+
+def _load(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(f, "pt") as s:
+            for k in s.keys():   # noqa: SIM118
+                out[k] = s.get_tensor(k)
+    return out
+
+
+def _kind(ds_module: str) -> str:
+    """A DeepSeek module name → its tensor kind (layer and expert indices dropped)."""
+    parts = [p for p in ds_module.split(".") if not p.isdigit()]
+    if parts[0] == "mtp":
+        return "mtp." + ".".join(parts[1:])
+    return ".".join(parts[1:] if parts[0] == "layers" else parts)
+
+
+def _dequant(t: dict[str, torch.Tensor], base: str) -> tuple[str, torch.Tensor] | None:
+    w = t.get(base + ".weight")
+    if w is None:
+        return None
+    if base + ".weight_scale" in t:
+        return "nvfp4", dequantize_nvfp4(w.view(torch.uint8), t[base + ".weight_scale"],
+                                         t[base + ".weight_scale_2"])
+    if base + ".scale" in t and w.dtype == torch.float8_e4m3fn:
+        return "fp8", dequantize_fp8_block(w, t[base + ".scale"].view(torch.uint8))
+    if base + ".scale" in t and w.dtype == torch.int8:
+        return "mxfp4", dequantize_mxfp4(w.view(torch.uint8), t[base + ".scale"].view(torch.uint8))
+    if w.dtype in (torch.bfloat16, torch.float32):
+        return "bf16", w.float()
+    return None
+
+
+def error_table(src: dict, out: dict, to_ds) -> dict[str, dict]:
+    """Relative error of every dequantized linear weight, grouped by (kind, storage)."""
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for name in out:
+        if not name.endswith(".weight") or out[name].dim() != 2:
+            continue
+        base = name[: -len(".weight")]
+        ds = to_ds(base)
+        if ds is None or ds + ".weight" not in src:
+            continue
+        got = _dequant(out, base)
+        if got is None:
+            continue
+        storage, deq = got
+        ref = src[ds + ".weight"].float()
+        rel = float((deq - ref).norm() / ref.norm().clamp_min(1e-30))
+        groups[(_kind(ds), storage)].append(rel)
+    return {f"{k} [{s}]": {"n": len(v), "mean": sum(v) / len(v), "max": max(v)}
+            for (k, s), v in sorted(groups.items())}
+
+
+def _verify(path: Path) -> list[str]:
+    from dsv4_nvfp4.checkpoint.verify import verify
+
+    return [f.line() for f in verify(path).findings]
+
+
+def test_cpu_kernel_matches_modelopt_cuda() -> None:
+    import modelopt.torch.quantization.tensor_quant as tq
+
+    from dsv4_nvfp4.quantize.cpu_fakequant import _fake_quant_cpu
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(512, 1024, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+    amax = x.float().abs().amax()
+    cuda = tq.dynamic_block_quantize_op(x, 16, amax, 4, 2, 8, 4)
+    cpu = _fake_quant_cpu(x.cpu(), 16, amax.cpu(), 4, 2, 8, 4)
+    diff = int((cuda.cpu() != cpu).sum())
+    RESULTS["cpu_vs_cuda_fakequant"] = {"elements": x.numel(), "differing": diff}
+    assert diff <= x.numel() // 10000   # exact but for rounding ties (research: ±1 code)
+
+
+@pytest.mark.parametrize("recipe", ["experts", "full"])
+def test_quantize_convert_verify(srcs, recipe: str) -> None:
+    out = srcs["root"] / f"{recipe}_b"
+    argv = [str(srcs["bf16"]), str(out), "--recipe", recipe, "--num-samples", "32",
+            "--seq-len", "256", "--batch-size", "4", "--mtp-from", str(srcs["a"]),
+            "--no-progress"]
+    res: dict = {}
+    RESULTS[recipe] = res
+    assert main([*argv, "--export-only"]) == 0
+    export = out.with_name(out.name + ".work") / "export"
+    report = json.loads((export / "quantize_report.json").read_text())
+    res["report"] = {k: report[k] for k in ("unquantized_by_modelopt", "added_to_ignore",
+                                            "experts", "quantized_modules", "versions")}
+    res["verify_export"] = _verify(export)
+    src = _load(srcs["bf16"])
+    exported = _load(export)
+    res["export_errors"] = error_table(src, exported, c_to_deepseek)
+    rc = main(argv)
+    res["convert_rc"] = rc
+    if rc == 0:
+        res["verify_b"] = _verify(out)
+        res["b_errors"] = error_table(src, _load(out), lambda n: n)
+    nv = [v for k, v in res["export_errors"].items() if "[nvfp4]" in k]
+    assert nv and all(0.07 < v["mean"] < 0.12 for v in nv)
+    if recipe == "full":
+        assert rc == 0 and res["verify_b"] == []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    yield
+    d = os.environ.get("QUANTIZE_REPORT_DIR")
+    text = json.dumps(RESULTS, indent=2, default=str)
+    print(text)
+    if d:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        (Path(d) / "quantize_h100.json").write_text(text + "\n")
+        lines = [f"device: {torch.cuda.get_device_name(0)}", ""]
+        for recipe in ("experts", "full"):
+            r = RESULTS.get(recipe, {})
+            for title, key in (("export (layout C)", "export_errors"),
+                               ("converted (layout B)", "b_errors")):
+                if key not in r:
+                    continue
+                lines += [f"### {recipe}: {title}", "", "| tensor kind [storage] | n | mean rel "
+                          "err | max rel err |", "|---|---|---|---|"]
+                lines += [f"| {k} | {v['n']} | {v['mean']:.4f} | {v['max']:.4f} |"
+                          for k, v in r[key].items()]
+                lines.append("")
+        (Path(d) / "quantize_h100.md").write_text("\n".join(lines) + "\n")
