@@ -47,17 +47,20 @@ def bits_f32(b):
 
 
 @triton.jit
-def load_as_f32(ptrs, mask, IS_BF16: tl.constexpr):
-    """Load bf16 (passed as int16 bits) or fp16 values and widen them to fp32 exactly.
+def pair_to_f32(w, IS_BF16: tl.constexpr):
+    """An int32 word holding two bf16/fp16 values → (element 2i, element 2i+1) as fp32, exactly.
 
-    bf16 → fp32 is a 16-bit left shift of the bits; doing it by hand avoids the
-    interpreter's float conversion and costs one instruction on the GPU.
+    Reading the input as 32-bit words keeps each even/odd pair in one thread,
+    so the two E2M1 codes of an output byte are formed without shuffles.
+    bf16 → fp32 is a 16-bit shift of the bits (no float conversion involved).
     """
     if IS_BF16:
-        raw = tl.load(ptrs, mask=mask, other=0)
-        return bits_f32(raw.to(tl.int32) << 16)
+        lo = bits_f32(w << 16)
+        hi = bits_f32(w & -65536)  # 0xFFFF0000
     else:
-        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = ((w >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit
@@ -127,31 +130,36 @@ def e4m3_decode(code):
 def e2m1_encode(y):
     """fp32 → E2M1 code (int32 0..15), exactly ``formats.e2m1_encode``.
 
-    Counting the thresholds below |y| on the int32 bits gives the magnitude
-    code 0..7 with round-half-to-even (strict ``>`` where a tie goes down,
-    ``>=`` where it goes up); values above 5 give 7 (saturation), and NaN's
-    bits exceed every threshold, so NaN also gives 7. The sign is set only for
-    ``y < 0`` (so -0.0 and NaN stay positive, a negative value rounding to
-    zero becomes 8), as ModelOpt does.
+    Below 2 the E2M1 grid is the multiples of 0.5 and from 2 to 4 the integers,
+    so the magnitude code is RNE(2|y|) (codes 0..4) or RNE(|y|) + 2 (codes 4..6).
+    Adding 2**23 rounds to an integer with the FPU's own round-half-to-even
+    (the product 2|y| is exact, so a fused multiply-add gives the same bits),
+    and that integer is the low mantissa bits of the sum. From 4 up: 6 up to
+    and including 5 (tie → 4.0), else 7: saturation, +inf, and NaN (every
+    comparison with NaN is false, on the GPU as in numpy). The sign is set
+    only for ``y < 0``: -0.0 and NaN
+    stay positive, a negative value rounding to zero becomes 8 (as ModelOpt).
+    About a dozen instructions instead of seven compare-and-adds.
     """
-    a = f32_bits(y) & 0x7FFFFFFF
-    idx = ((a > 0x3E800000).to(tl.int32) + (a >= 0x3F400000).to(tl.int32)
-           + (a > 0x3FA00000).to(tl.int32) + (a >= 0x3FE00000).to(tl.int32)
-           + (a > 0x40200000).to(tl.int32) + (a >= 0x40600000).to(tl.int32)
-           + (a > 0x40A00000).to(tl.int32))
-    return idx | tl.where(y < 0.0, 8, 0)
+    m = tl.abs(y)  # folds into the instructions' |operand| modifiers on the GPU
+    small = m < 2.0
+    t = m * tl.where(small, 2.0, 1.0) + 8388608.0
+    low = f32_bits(t) - tl.where(small, 0x4B000000, 0x4AFFFFFE)  # RNE(..) (+2 from 2 on)
+    mag = tl.where(m < 4.0, low, tl.where(m <= 5.0, 6, 7))  # NaN fails both tests → 7
+    return mag | tl.where(y < 0.0, 8, 0)
 
 
 @triton.jit
 def e2m1_decode(code):
     """E2M1 code (int32, low 4 bits) → fp32 value; code 8 is -0.0 like ``formats``.
 
-    Magnitude codes 2..7 are the normal numbers 2**((c >> 1) - 1) · (1 + (c & 1)/2),
-    code 1 is 0.5, code 0 is 0.
+    Magnitude codes 2..7 are normal numbers whose fp32 bits are ``(c << 22) +
+    0x3F000000`` (exponent (c >> 1) + 126, mantissa bit c & 1); code 1 is 0.5
+    and code 0 is 0.
     """
     c = code & 7
-    normal = (((c >> 1) + 126) << 23) | ((c & 1) << 22)
-    mag = tl.where(c >= 2, normal, tl.where(c == 1, 0x3F000000, 0))
+    mag = (c << 22) + 0x3F000000
+    mag = tl.where(c < 2, tl.where(c == 1, 0x3F000000, 0), mag)
     return bits_f32(mag | ((code & 8) << 28))
 
 
@@ -159,23 +167,14 @@ def e2m1_decode(code):
 def f32_to_bf16_bits(x):
     """fp32 → bf16 bits (int32 0..0xFFFF), round to nearest even like torch; NaN → 0x7FC0.
 
-    (torch's scalar path also gives 0x7FC0 for every NaN; its vectorised CPU
-    and CUDA casts may pick another NaN pattern, so tests compare NaN by NaN-ness.)
+    torch's scalar cast: ``(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16``, the carry
+    moving into the exponent (up to inf) by itself; every NaN becomes 0x7FC0
+    (torch's vectorised casts may pick another NaN pattern, so tests compare
+    NaN by NaN-ness).
     """
     b = f32_bits(x)
-    u = (b >> 16) & 0xFFFF
-    low = b & 0xFFFF
-    up = (low > 0x8000) | ((low == 0x8000) & ((u & 1) == 1))
-    r = (u + up.to(tl.int32)) & 0xFFFF
-    is_nan = (b & 0x7FFFFFFF) > 0x7F800000
-    return tl.where(is_nan, 0x7FC0, r)
-
-
-@triton.jit
-def pack_nibbles(codes, R: tl.constexpr, N: tl.constexpr):
-    """E2M1 codes ``[R, N]`` (int32) → bytes ``[R, N/2]`` (uint8), element 2i in the low nibble."""
-    lo, hi = tl.split(tl.reshape(codes, [R, N // 2, 2]))
-    return (lo | (hi << 4)).to(tl.uint8)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+    return tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
 
 
 @triton.jit

@@ -24,26 +24,28 @@ _FP4X2 = getattr(torch, "float4_e2m1fn_x2", None)
 
 
 @triton.jit
-def _dequant_kernel(packed_ptr, bs_ptr, g_ptr, out_ptr, N, stride_p, stride_bs, stride_o,
+def _dequant_kernel(packed_ptr, bs_ptr, g_ptr, out_ptr, N, stride_p, stride_bs, stride_ow,
                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One tile of ROWS rows × BLOCK_K columns; writes bf16 bits as int16."""
+    """One tile of ROWS rows × BLOCK_K columns.
+
+    Each packed byte becomes one int32 output word holding its two bf16 values
+    (element 2i in the low half), so no interleaving shuffle is needed.
+    """
     G: tl.constexpr = BLOCK_K // 16
+    W: tl.constexpr = BLOCK_K // 2
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = (rows < N)[:, None]
     rows64 = rows.to(tl.int64)[:, None]
-    k0 = tl.program_id(1) * BLOCK_K
+    wcols = tl.program_id(1) * W + tl.arange(0, W)[None, :]
 
-    p = tl.load(packed_ptr + rows64 * stride_p + (k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :]),
-                mask=rmask, other=0).to(tl.int32)
-    codes = tl.reshape(tl.join(p & 0xF, (p >> 4) & 0xF), [ROWS, BLOCK_K])  # low nibble first
-    vals = tl.reshape(e2m1_decode(codes), [ROWS, G, 16])
-
-    sfb = tl.load(bs_ptr + rows64 * stride_bs + (k0 // 16 + tl.arange(0, G)[None, :]),
-                  mask=rmask, other=0).to(tl.int32)
-    scale = e4m3_decode(sfb) * tl.load(g_ptr)  # formats: fp32(block_scale) * global_scale
-    out = tl.reshape(vals * scale[:, :, None], [ROWS, BLOCK_K])
-    tl.store(out_ptr + rows64 * stride_o + (k0 + tl.arange(0, BLOCK_K)[None, :]),
-             f32_to_bf16_bits(out).to(tl.int16), mask=rmask)
+    p = tl.load(packed_ptr + rows64 * stride_p + wcols, mask=rmask, other=0).to(tl.int32)
+    lo = tl.reshape(e2m1_decode(p & 0xF), [ROWS, G, 8])
+    hi = tl.reshape(e2m1_decode((p >> 4) & 0xF), [ROWS, G, 8])
+    scols = tl.program_id(1) * G + tl.arange(0, G)[None, :]
+    sfb = tl.load(bs_ptr + rows64 * stride_bs + scols, mask=rmask, other=0).to(tl.int32)
+    scale = (e4m3_decode(sfb) * tl.load(g_ptr))[:, :, None]  # formats: fp32(block) * global
+    word = f32_to_bf16_bits(lo * scale) | (f32_to_bf16_bits(hi * scale) << 16)
+    tl.store(out_ptr + rows64 * stride_ow + wcols, tl.reshape(word, [ROWS, W]), mask=rmask)
 
 
 def _packed_bytes(packed: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,8 @@ def dequantize_nvfp4_to_bf16(packed: torch.Tensor, block_scale: torch.Tensor,
         return out
     p2 = p.reshape(rows, k // 2)
     bs2 = bs.reshape(rows, k // NVFP4_GROUP)
-    o2 = out.view(rows, k).view(torch.int16)
+    expect(out.data_ptr() % 4 == 0, "out", "a 4-byte aligned data pointer", out.data_ptr())
+    o2 = out.view(rows, k).view(torch.int32)  # two bf16 per word
     if p2.stride(-1) != 1:
         p2 = p2.contiguous()
     if bs2.stride(-1) != 1:

@@ -44,9 +44,8 @@ from ._bits import (
     e2m1_encode,
     e4m3_decode,
     e4m3_encode_bits,
-    load_as_f32,
-    pack_nibbles,
     pack_sf_words,
+    pair_to_f32,
 )
 from ._config import TileConfig, staging_tile
 
@@ -55,84 +54,108 @@ H_MULTIPLE = NVFP4_GROUP * SF_WORD_GROUPS  # 64: one int32 scale word
 
 
 @triton.jit
+def _group_amax(lo, hi, ROWS: tl.constexpr, G: tl.constexpr):
+    """Block-16 amax of a [ROWS, 8G] tile of (even, odd) pairs, NaN-propagating (int max)."""
+    a = tl.maximum(abs_bits(lo), abs_bits(hi))
+    return bits_f32(tl.max(tl.reshape(a, [ROWS, G, 8]), axis=2))
+
+
+@triton.jit
+def _packed_codes(lo, hi, scale, ROWS: tl.constexpr, G: tl.constexpr, DIVIDE: tl.constexpr):
+    """Per (even, odd) pair the byte code(lo) | code(hi) << 4 of ``x * scale`` or ``x / scale``."""
+    lo3 = tl.reshape(lo, [ROWS, G, 8])
+    hi3 = tl.reshape(hi, [ROWS, G, 8])
+    s3 = scale[:, :, None]
+    if DIVIDE:
+        lo3 = div_rn(lo3, s3)
+        hi3 = div_rn(hi3, s3)
+    else:
+        lo3 = lo3 * s3
+        hi3 = hi3 * s3
+    return e2m1_encode(lo3) | (e2m1_encode(hi3) << 4)
+
+
+@triton.jit
 def _stage_static_kernel(x_ptr, scale_ptr, out_x_ptr, out_sf_ptr, T,
-                         stride_x, stride_ox, stride_osf,
+                         stride_xw, stride_ox, stride_osf,
                          ROWS: tl.constexpr, BLOCK_H: tl.constexpr, IS_BF16: tl.constexpr):
-    """One tile of ROWS tokens × BLOCK_H columns; every 16-column group is independent."""
+    """One tile of ROWS tokens × BLOCK_H columns; every 16-column group is independent.
+
+    ``x_ptr`` is the input viewed as int32 words (two 16-bit values each), so a
+    word index is also the index of its output byte.
+    """
     G: tl.constexpr = BLOCK_H // 16
+    W: tl.constexpr = BLOCK_H // 2
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = (rows < T)[:, None]
     rows64 = rows.to(tl.int64)[:, None]
-    h0 = tl.program_id(1) * BLOCK_H
-    cols = h0 + tl.arange(0, BLOCK_H)[None, :]
-    x = load_as_f32(x_ptr + rows64 * stride_x + cols, rmask, IS_BF16)
+    wcols = tl.program_id(1) * W + tl.arange(0, W)[None, :]
+    lo, hi = pair_to_f32(tl.load(x_ptr + rows64 * stride_xw + wcols, mask=rmask, other=0),
+                         IS_BF16)
 
     # formats: g = 1 / input_scale; SF = e4m3(min((amax / 6) * g, 448))
-    s = tl.load(scale_ptr)
-    g = div_rn(tl.full([ROWS, G], 1.0, tl.float32), s)
-    xg = tl.reshape(x, [ROWS, G, 16])
-    amax = bits_f32(tl.max(abs_bits(xg), axis=2))
+    g = div_rn(tl.full([ROWS, G], 1.0, tl.float32), tl.load(scale_ptr))
+    amax = _group_amax(lo, hi, ROWS, G)
     sf_byte = e4m3_encode_bits(div_rn(amax, tl.full([ROWS, G], 6.0, tl.float32)) * g)
-    # codes = E2M1(x * (g / fp32(SF))), all-zero SF → multiplier 0
+    # codes = E2M1(x * (g / fp32(SF))); SF 0 → multiplier 0
     sf = e4m3_decode(sf_byte)
     nz = sf != 0.0
     mult = tl.where(nz, div_rn(g, tl.where(nz, sf, 1.0)), 0.0)
-    codes = e2m1_encode(xg * mult[:, :, None])
+    packed = _packed_codes(lo, hi, mult, ROWS, G, False)
 
-    packed = pack_nibbles(tl.reshape(codes, [ROWS, BLOCK_H]), ROWS, BLOCK_H)
-    pcols = h0 // 2 + tl.arange(0, BLOCK_H // 2)[None, :]
-    tl.store(out_x_ptr + rows64 * stride_ox + pcols, packed, mask=rmask)
-    words = pack_sf_words(sf_byte, ROWS, G)
-    wcols = h0 // 64 + tl.arange(0, BLOCK_H // 64)[None, :]
-    tl.store(out_sf_ptr + rows64 * stride_osf + wcols, words, mask=rmask)
+    tl.store(out_x_ptr + rows64 * stride_ox + wcols, tl.reshape(packed, [ROWS, W]).to(tl.uint8),
+             mask=rmask)
+    scols = tl.program_id(1) * (BLOCK_H // 64) + tl.arange(0, BLOCK_H // 64)[None, :]
+    tl.store(out_sf_ptr + rows64 * stride_osf + scols, pack_sf_words(sf_byte, ROWS, G),
+             mask=rmask)
 
 
 @triton.jit
 def _stage_per_token_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
-                            stride_x, stride_ox, stride_osf,
+                            stride_xw, stride_ox, stride_osf,
                             H: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
                             IS_BF16: tl.constexpr):
     """ROWS whole tokens: pass 1 finds the row amax, pass 2 quantizes (re-reads hit L2)."""
     G: tl.constexpr = BLOCK_H // 16
+    W: tl.constexpr = BLOCK_H // 2
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask1 = rows < T
     rmask = rmask1[:, None]
     rows64 = rows.to(tl.int64)[:, None]
-    offs = tl.arange(0, BLOCK_H)[None, :]
+    offs = tl.arange(0, W)[None, :]
 
     row_amax = tl.zeros([ROWS], tl.int32)  # int32 bits of |x|: NaN wins, like torch.amax
-    for h0 in range(0, H, BLOCK_H):
-        x = load_as_f32(x_ptr + rows64 * stride_x + (h0 + offs), rmask, IS_BF16)
-        row_amax = tl.maximum(row_amax, tl.max(abs_bits(x), axis=1))
+    for w0 in range(0, H // 2, W):
+        lo, hi = pair_to_f32(tl.load(x_ptr + rows64 * stride_xw + (w0 + offs), mask=rmask,
+                                     other=0), IS_BF16)
+        a = tl.maximum(abs_bits(lo), abs_bits(hi))
+        row_amax = tl.maximum(row_amax, tl.max(a, axis=1))
     # formats: pts = max(row_amax, 1e-4) / 2688; 0x38D1B717 = fp32(1e-4)
     pts = div_rn(bits_f32(tl.maximum(row_amax, 0x38D1B717)), tl.full([ROWS], 2688.0, tl.float32))
     tl.store(out_pts_ptr + rows, pts, mask=rmask1)
     six_pts = (6.0 * pts)[:, None]
     pts2 = pts[:, None]
 
-    for h0 in range(0, H, BLOCK_H):
-        x = load_as_f32(x_ptr + rows64 * stride_x + (h0 + offs), rmask, IS_BF16)
-        xg = tl.reshape(x, [ROWS, G, 16])
-        amax = bits_f32(tl.max(abs_bits(xg), axis=2))
+    for w0 in range(0, H // 2, W):
+        lo, hi = pair_to_f32(tl.load(x_ptr + rows64 * stride_xw + (w0 + offs), mask=rmask,
+                                     other=0), IS_BF16)
         # formats: SF = e4m3(block_amax / (6 * pts)); codes = E2M1(x / (fp32(SF) * pts))
-        sf_byte = e4m3_encode_bits(div_rn(amax, six_pts))
+        sf_byte = e4m3_encode_bits(div_rn(_group_amax(lo, hi, ROWS, G), six_pts))
         denom = e4m3_decode(sf_byte) * pts2
         zero = denom == 0.0
-        safe = tl.where(zero, 1.0, denom)
-        scaled = tl.where(zero[:, :, None], 0.0, div_rn(xg, safe[:, :, None]))
-        codes = e2m1_encode(scaled)
+        packed = _packed_codes(lo, hi, tl.where(zero, 1.0, denom), ROWS, G, True)
+        packed = tl.where(zero[:, :, None], 0, packed)  # SF 0 → codes 0
 
-        packed = pack_nibbles(tl.reshape(codes, [ROWS, BLOCK_H]), ROWS, BLOCK_H)
-        pcols = h0 // 2 + tl.arange(0, BLOCK_H // 2)[None, :]
-        tl.store(out_x_ptr + rows64 * stride_ox + pcols, packed, mask=rmask)
-        words = pack_sf_words(sf_byte, ROWS, G)
-        wcols = h0 // 64 + tl.arange(0, BLOCK_H // 64)[None, :]
-        tl.store(out_sf_ptr + rows64 * stride_osf + wcols, words, mask=rmask)
+        tl.store(out_x_ptr + rows64 * stride_ox + (w0 + offs),
+                 tl.reshape(packed, [ROWS, W]).to(tl.uint8), mask=rmask)
+        scols = w0 // 32 + tl.arange(0, BLOCK_H // 64)[None, :]
+        tl.store(out_sf_ptr + rows64 * stride_osf + scols, pack_sf_words(sf_byte, ROWS, G),
+                 mask=rmask)
 
 
 @dataclass(frozen=True)
 class _Staged:
-    x: torch.Tensor  # input as launched (bf16 viewed as int16 bits)
+    x: torch.Tensor  # input as launched: int32 words, two 16-bit values each
     is_bf16: bool
     out_x: torch.Tensor  # uint8 view
     out_x_sf: torch.Tensor
@@ -162,8 +185,9 @@ def _check_staging(x: torch.Tensor, out_x: torch.Tensor, out_x_sf: torch.Tensor)
     expect(x.shape[1] <= 1 or x.stride(1) == 1, "x", "unit stride along H", x.stride())
     _check_rows("out_x", out_x, (tokens, hidden // 2), (torch.uint8, torch.int8), x.device)
     _check_rows("out_x_sf", out_x_sf, (tokens, hidden // H_MULTIPLE), (torch.int32,), x.device)
-    is_bf16 = x.dtype == torch.bfloat16
-    return _Staged(x.view(torch.int16) if is_bf16 else x, is_bf16, out_x.view(torch.uint8),
+    if (tokens > 1 and x.stride(0) % 2) or x.data_ptr() % 4:
+        x = x.contiguous()  # a view at an odd element offset: copy so pairs form int32 words
+    return _Staged(x.view(torch.int32), x.dtype == torch.bfloat16, out_x.view(torch.uint8),
                    out_x_sf, tokens, hidden)
 
 
