@@ -89,6 +89,10 @@ def test_vllm_builds_our_quant_config(vllm_config) -> None:  # type: ignore[no-u
     assert type(qc).__name__ == "Dsv4Nvfp4DeepseekV4FP8Config"
     assert type(qc).__mro__[1] is DeepseekV4FP8Config  # the class vLLM picks on CPU
     assert qc.get_name() == "deepseek_v4_fp8"
+    # spawned engine processes receive the VllmConfig pickled: the class is importable
+    import pickle
+
+    assert type(pickle.loads(pickle.dumps(qc))) is type(qc)
 
 
 @pytest.mark.parametrize("quant_cfg", [
