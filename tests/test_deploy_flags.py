@@ -138,7 +138,7 @@ def test_engine_config_builds(engine_config):
     assert engine_config.cache_config.block_size == 256
     assert engine_config.parallel_config.tensor_parallel_size == 8
     assert engine_config.parallel_config.enable_expert_parallel is True
-    assert engine_config.kernel_config.moe_backend == "deep_gemm_mega_moe"
+    assert engine_config.kernel_config.moe_backend == "auto"
     assert engine_config.attention_config.indexer_kv_dtype == "mxfp4"
     spec = engine_config.speculative_config
     assert (spec.method, spec.num_speculative_tokens) == ("mtp", 2)
