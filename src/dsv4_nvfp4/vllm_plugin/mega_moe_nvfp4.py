@@ -113,21 +113,21 @@ def stage_activations(x: torch.Tensor, a1: torch.Tensor, out_x: torch.Tensor,
     """BF16 ``x [T, H]`` → ``out_x`` uint8 ``[T, H/2]`` (E2M1) and ``out_x_sf`` int32 ``[T, H/64]``.
 
     On a GPU: the Triton kernel ``dsv4_nvfp4.kernels.stage_nvfp4_activations_static``
-    (bit-exact with the formats reference, one pass). On CPU, or if the kernel
-    cannot be imported (logged once): the torch reference from
-    :mod:`dsv4_nvfp4.formats` — same bytes, slower.
+    (bit-exact with the formats reference, one pass, CUDA-graph capturable). On CPU
+    (tests): the torch reference from :mod:`dsv4_nvfp4.formats` — same bytes. A GPU
+    without the kernel is an error, never a silent fallback to a slow,
+    uncapturable path.
     """
     if x.device.type != "cpu":
         try:
             from dsv4_nvfp4.kernels import stage_nvfp4_activations_static
         except ImportError as err:
-            if not getattr(stage_activations, "_warned", False):
-                logger.warning("dsv4_nvfp4: Triton staging kernel unavailable (%s); using the "
-                               "torch reference for NVFP4 activation staging", err)
-                stage_activations._warned = True  # type: ignore[attr-defined]
-        else:
-            stage_nvfp4_activations_static(x, a1, out_x, out_x_sf)
-            return
+            raise RuntimeError(
+                f"dsv4_nvfp4: the Triton NVFP4 staging kernel cannot be imported on "
+                f"{x.device} ({err}); the DeepGEMM NVFP4 mega-MoE needs it"
+            ) from err
+        stage_nvfp4_activations_static(x, a1, out_x, out_x_sf)
+        return
     _stage_activations_reference(x, a1, out_x, out_x_sf)
 
 
