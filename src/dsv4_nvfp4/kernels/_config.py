@@ -21,6 +21,21 @@ class TileConfig:
     num_warps: int = 4
 
 
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def check_tile(cfg: TileConfig, length: int, min_block: int) -> TileConfig:
+    """A tile override must be powers of two with ``block`` dividing the row length."""
+    from dsv4_nvfp4.formats.errors import expect
+
+    expect(_pow2(cfg.rows) and _pow2(cfg.block) and _pow2(cfg.num_warps), "config",
+           "powers of two for rows, block and num_warps", cfg)
+    expect(cfg.block >= min_block and length % cfg.block == 0, "config",
+           f"block >= {min_block} dividing the row length {length}", cfg)
+    return cfg
+
+
 def pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two that divides ``n`` (n > 0), at most ``cap``."""
     return min(n & -n, cap)

@@ -17,7 +17,7 @@ from dsv4_nvfp4.formats.constants import NVFP4_GROUP
 from dsv4_nvfp4.formats.errors import expect
 
 from ._bits import e2m1_decode, e4m3_decode, f32_to_bf16_bits
-from ._config import TileConfig, dequant_tile
+from ._config import TileConfig, check_tile, dequant_tile
 from .staging import scale_tensor
 
 _FP4X2 = getattr(torch, "float4_e2m1fn_x2", None)
@@ -108,7 +108,7 @@ def dequantize_nvfp4_to_bf16(packed: torch.Tensor, block_scale: torch.Tensor,
         p2 = p2.contiguous()
     if bs2.stride(-1) != 1:
         bs2 = bs2.contiguous()
-    cfg = config or dequant_tile(k, device=p.device)
+    cfg = check_tile(config, k, NVFP4_GROUP) if config else dequant_tile(k, device=p.device)
     grid = (triton.cdiv(rows, cfg.rows), k // cfg.block)
     _dequant_kernel[grid](p2, bs2, g, o2, rows, p2.stride(0), bs2.stride(0), o2.stride(0),
                           ROWS=cfg.rows, BLOCK_K=cfg.block, num_warps=cfg.num_warps)

@@ -47,7 +47,7 @@ from ._bits import (
     pack_sf_words,
     pair_to_f32,
 )
-from ._config import TileConfig, staging_tile
+from ._config import TileConfig, check_tile, staging_tile
 
 SF_WORD_GROUPS = 4  # UE4M3 scales per int32 word
 H_MULTIPLE = NVFP4_GROUP * SF_WORD_GROUPS  # 64: one int32 scale word
@@ -254,7 +254,8 @@ def stage_nvfp4_activations_static(x: torch.Tensor, input_scale: torch.Tensor | 
     scale = scale_tensor(input_scale, "input_scale", x.device)
     if s.tokens == 0:
         return
-    cfg = config or staging_tile(s.hidden, per_token=False, device=x.device)
+    cfg = check_tile(config, s.hidden, H_MULTIPLE) if config else staging_tile(
+        s.hidden, per_token=False, device=x.device)
     _launch_static(s, scale, cfg)
 
 
@@ -290,5 +291,6 @@ def stage_nvfp4_activations_per_token(x: torch.Tensor, out_x: torch.Tensor,
            out_x_scales.stride())
     if s.tokens == 0:
         return
-    cfg = config or staging_tile(s.hidden, per_token=True, device=x.device)
+    cfg = check_tile(config, s.hidden, H_MULTIPLE) if config else staging_tile(
+        s.hidden, per_token=True, device=x.device)
     _launch_per_token(s, out_x_scales, cfg)

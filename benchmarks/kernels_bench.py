@@ -1,0 +1,157 @@
+"""Bandwidth of the Triton kernels against a device-to-device copy of the same bytes.
+
+For each kernel: the fewest bytes it must move (input read once, outputs
+written once), its median time over ``--iters`` CUDA-event-timed runs, GB/s,
+and the GB/s of ``dst.copy_(src)`` moving the same number of bytes (half read,
+half written) measured in the same run; the ratio is the figure of merit.
+The torch-eager references from ``dsv4_nvfp4.formats`` are timed the same way.
+Tile shapes are swept (results never depend on them; the GPU tests check);
+the table lists the default tile and the best one.
+
+Usage (on the GPU machine): ``PYTHONPATH=src python3 benchmarks/kernels_bench.py --out f.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dsv4_nvfp4.formats import (
+    dequantize_nvfp4,
+    quantize_nvfp4_activation_per_token,
+    quantize_nvfp4_activation_static,
+    quantize_nvfp4_weight,
+)
+from dsv4_nvfp4.kernels import (
+    TileConfig,
+    dequantize_nvfp4_to_bf16,
+    stage_nvfp4_activations_per_token,
+    stage_nvfp4_activations_static,
+)
+
+STAGING_TILES = [(1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (4, 1024, 8), (8, 1024, 8),
+                 (2, 512, 4), (4, 512, 4), (8, 512, 4), (8, 256, 4), (16, 256, 4)]
+PER_TOKEN_TILES = [(1, 1024, 4), (1, 1024, 8), (2, 1024, 4), (2, 1024, 8), (4, 1024, 8),
+                   (1, 512, 4), (2, 512, 4), (4, 512, 4)]
+DEQUANT_TILES = [(1, 1024, 4), (2, 1024, 4), (2, 1024, 8), (4, 1024, 8), (8, 1024, 8),
+                 (1, 512, 4), (4, 512, 4), (8, 512, 4)]
+
+
+def median_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def copy_gbps(nbytes: int, iters: int) -> float:
+    """Device-to-device copy moving ``nbytes`` in total (nbytes/2 read + nbytes/2 written)."""
+    src = torch.randint(0, 255, (nbytes // 2,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), iters)
+    return 2 * src.numel() / ms / 1e6
+
+
+def row(name: str, shape: str, nbytes: int, ms: float, copy: float, iters: int,
+        tile: str = "") -> dict:
+    gbps = nbytes / ms / 1e6
+    return {"kernel": name, "shape": shape, "tile": tile, "bytes": nbytes, "median_ms": ms,
+            "GB/s": gbps, "copy_GB/s": copy, "ratio": gbps / copy, "runs": iters}
+
+
+def sweep(name: str, shape: str, nbytes: int, copy: float, iters: int,
+          tiles: list[tuple[int, int, int]], run: Callable[[TileConfig | None], object]) -> list:
+    rows = [row(name, shape, nbytes, median_ms(lambda: run(None), iters), copy, iters, "default")]
+    for r, b, w in tiles:
+        cfg = TileConfig(rows=r, block=b, num_warps=w)
+        rows.append(row(name, shape, nbytes, median_ms(lambda c=cfg: run(c), iters), copy, iters,
+                        f"rows={r} block={b} warps={w}"))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--dequant", type=int, nargs=2, default=[24576, 7168])
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--ref-iters", type=int, default=20)
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    t, h, iters = a.tokens, a.hidden, a.iters
+    torch.manual_seed(0)
+    results: list[dict] = []
+
+    # --- staging -------------------------------------------------------------------------
+    x = (torch.randn(t, h, device="cuda") * 3).to(torch.bfloat16)
+    scale = (x.float().abs().amax() / 2688).reshape(1)
+    ox = torch.empty(t, h // 2, dtype=torch.uint8, device="cuda")
+    osf = torch.empty(t, h // 64, dtype=torch.int32, device="cuda")
+    pts = torch.empty(t, dtype=torch.float32, device="cuda")
+    st_bytes = t * h * 2 + t * h // 2 + t * h // 16
+    pt_bytes = st_bytes + t * 4
+    shape = f"T={t} H={h}"
+    copy_st = copy_gbps(st_bytes, iters)
+    tiles = [] if a.no_sweep else STAGING_TILES
+    results += sweep("stage static", shape, st_bytes, copy_st, iters, tiles,
+                     lambda c: stage_nvfp4_activations_static(x, scale, ox, osf, config=c))
+    tiles = [] if a.no_sweep else PER_TOKEN_TILES
+    results += sweep("stage per-token", shape, pt_bytes, copy_st, iters, tiles,
+                     lambda c: stage_nvfp4_activations_per_token(x, ox, osf, pts, config=c))
+    results.append(row("torch formats static", shape, st_bytes, median_ms(
+        lambda: quantize_nvfp4_activation_static(x, scale), a.ref_iters), copy_st, a.ref_iters))
+    results.append(row("torch formats per-token", shape, pt_bytes, median_ms(
+        lambda: quantize_nvfp4_activation_per_token(x), a.ref_iters), copy_st, a.ref_iters))
+
+    # --- dequant -------------------------------------------------------------------------
+    n, k = a.dequant
+    w = quantize_nvfp4_weight(torch.randn(n, k, device="cuda") * 0.02)
+    out = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
+    dq_bytes = n * k // 2 + n * k // 16 + n * k * 2
+    shape = f"[{n}, {k}]"
+    copy_dq = copy_gbps(dq_bytes, iters)
+    tiles = [] if a.no_sweep else DEQUANT_TILES
+    results += sweep("dequant nvfp4->bf16", shape, dq_bytes, copy_dq, iters, tiles,
+                     lambda c: dequantize_nvfp4_to_bf16(w.packed, w.block_scale, w.global_scale,
+                                                        out=out, config=c))
+    results.append(row("torch formats dequant", shape, dq_bytes, median_ms(
+        lambda: dequantize_nvfp4(w.packed, w.block_scale, w.global_scale, dtype=torch.bfloat16),
+        a.ref_iters), copy_dq, a.ref_iters))
+
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}; torch {torch.__version__}; median of {iters} runs "
+          f"({a.ref_iters} for torch references)")
+    print(f"{'kernel':26} {'shape':16} {'tile':26} {'ms':>8} {'GB/s':>8} {'copy':>8} {'ratio':>6}")
+    for r in results:
+        print(f"{r['kernel']:26} {r['shape']:16} {r['tile']:26} {r['median_ms']:8.4f} "
+              f"{r['GB/s']:8.1f} {r['copy_GB/s']:8.1f} {r['ratio']:6.3f}")
+    best = {}
+    for r in results:
+        if r["tile"] and (r["kernel"] not in best or r["ratio"] > best[r["kernel"]]["ratio"]):
+            best[r["kernel"]] = r
+    print("best tiles: " + "; ".join(f"{k}: {v['tile']} ({v['ratio']:.3f})"
+                                     for k, v in best.items()))
+    if a.out:
+        tmp = a.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"device": device, "torch": torch.__version__,
+                                   "results": results}, indent=1))
+        tmp.replace(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

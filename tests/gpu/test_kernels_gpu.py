@@ -1,0 +1,395 @@
+"""Triton kernels on the H100 at DeepSeek V4 Pro shapes: bit-exact against formats.
+
+``formats`` is evaluated on the CPU copy of each input (IEEE operations as
+written) and must match the GPU kernel byte for byte. formats evaluated on
+the GPU is compared too and its differences are recorded, not asserted:
+torch on CUDA turns ``tensor / python_float`` into a multiplication by the
+fp32 reciprocal, so formats itself gives slightly different bits on the two
+devices (see docs/kernels.md). sgl-deep-gemm's CUDA pre-dispatch kernel is an
+independent reference for the per-token convention; it differs only at exact
+ties (and writes +0 where formats writes -0), which is asserted and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from dsv4_nvfp4.formats import (
+    decode_ue4m3,
+    dequantize_nvfp4,
+    e2m1_decode,
+    e2m1_encode,
+    encode_ue4m3,
+    pack_sf_bytes_to_int32,
+    quantize_nvfp4_activation_per_token,
+    quantize_nvfp4_activation_static,
+    quantize_nvfp4_weight,
+    unpack_e2m1,
+    unpack_sf_int32_to_bytes,
+)
+from dsv4_nvfp4.kernels import (
+    TileConfig,
+    dequantize_nvfp4_to_bf16,
+    stage_nvfp4_activations_per_token,
+    stage_nvfp4_activations_static,
+)
+from dsv4_nvfp4.kernels._bits import e2m1_decode as k_e2m1_decode
+from dsv4_nvfp4.kernels._bits import e2m1_encode as k_e2m1_encode
+from dsv4_nvfp4.kernels._bits import e4m3_decode as k_e4m3_decode
+from dsv4_nvfp4.kernels._bits import e4m3_encode_bits, f32_to_bf16_bits
+
+pytestmark = pytest.mark.h100
+DEV = "cuda"
+TOKENS = [0, 1, 7, 128, 4096, 16384]
+HIDDEN = [7168, 3072]
+E2M1_THRESHOLDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float64)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int((a.cpu().contiguous().view(torch.uint8) != b.cpu().contiguous().view(torch.uint8))
+               .sum())
+
+
+def assert_bytes_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    got, want = got.cpu().contiguous(), want.cpu().contiguous()
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape)
+    diff = got.view(torch.uint8) != want.view(torch.uint8)
+    if bool(diff.any()):
+        first = int(diff.flatten().nonzero()[0]) // got.element_size()
+        coord = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), got.shape))
+        raise AssertionError(f"{what}: {int(diff.sum())} bytes differ; first element {coord}: "
+                             f"got {got.flatten()[first]} want {want.flatten()[first]}")
+
+
+def canonical_nan_sf(sf: torch.Tensor) -> torch.Tensor:
+    b = sf.view(torch.uint8)
+    return torch.where(b == 0xFF, torch.full_like(b, 0x7F), b)
+
+
+def make_x(t: int, h: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(t, h, generator=g, device=DEV)
+    x = x * torch.exp(torch.randn(t, 1, generator=g, device=DEV))
+    x = x * torch.exp(torch.randn(t, h // 16, 1, generator=g, device=DEV)).expand(t, h // 16, 16
+                                                                                 ).reshape(t, h)
+    if t >= 16:
+        x[0] = 0.0  # zero row
+        x[1, 32:48] *= 1e-3  # tiny block
+        x[2] *= 100.0
+        x[3, ::7] = -0.0
+        x[4] *= 1e-6
+    return x.to(dtype)
+
+
+def run_static(x: torch.Tensor, scale: torch.Tensor, config: TileConfig | None = None):
+    t, h = x.shape
+    ox = torch.full((t, h // 2), 0xAB, dtype=torch.uint8, device=DEV)
+    osf = torch.full((t, h // 64), 0x5A5A5A5A, dtype=torch.int32, device=DEV)
+    stage_nvfp4_activations_static(x, scale, ox, osf, config=config)
+    torch.cuda.synchronize()
+    return ox, osf
+
+
+def run_per_token(x: torch.Tensor, config: TileConfig | None = None):
+    t, h = x.shape
+    ox = torch.full((t, h // 2), 0xAB, dtype=torch.uint8, device=DEV)
+    osf = torch.full((t, h // 64), 0x5A5A5A5A, dtype=torch.int32, device=DEV)
+    pts = torch.full((t,), float("nan"), dtype=torch.float32, device=DEV)
+    stage_nvfp4_activations_per_token(x, ox, osf, pts, config=config)
+    torch.cuda.synchronize()
+    return ox, osf, pts
+
+
+def formats_static(x: torch.Tensor, scale: torch.Tensor):
+    p, sf = quantize_nvfp4_activation_static(x, scale)
+    return p, pack_sf_bytes_to_int32(canonical_nan_sf(sf))
+
+
+def formats_per_token(x: torch.Tensor):
+    p, sf, pts = quantize_nvfp4_activation_per_token(x)
+    return p, pack_sf_bytes_to_int32(canonical_nan_sf(sf)), pts
+
+
+# --- staging: bit-exact at full shapes -------------------------------------------------------
+@pytest.mark.parametrize("h", HIDDEN)
+@pytest.mark.parametrize("t", TOKENS)
+def test_static_bit_exact(t: int, h: int, report: dict[str, Any]) -> None:
+    x = make_x(t, h, seed=t + h)
+    amax = x.float().abs().amax() if t else torch.tensor(1.0, device=DEV)
+    scale = (amax / 2688).reshape(1)  # a calibrated input_scale, on the GPU (the hot path)
+    ox, osf = run_static(x, scale)
+    p, sf = formats_static(x.cpu(), scale.cpu())
+    assert_bytes_equal(ox, p, "x vs formats (CPU)")
+    assert_bytes_equal(osf, sf, "x_sf vs formats (CPU)")
+    gp, gsf = formats_static(x, scale)
+    report[f"static T={t} H={h}"] = {
+        "vs_formats_cpu": {"x_bytes": 0, "sf_words": 0},
+        "vs_formats_gpu": {"x_bytes": mismatches(ox, gp), "sf_words": mismatches(osf, gsf)},
+        "n_bytes": ox.numel(), "n_sf": osf.numel() * 4}
+
+
+@pytest.mark.parametrize("h", HIDDEN)
+@pytest.mark.parametrize("t", TOKENS)
+def test_per_token_bit_exact(t: int, h: int, report: dict[str, Any]) -> None:
+    x = make_x(t, h, seed=3 * t + h)
+    ox, osf, pts = run_per_token(x)
+    p, sf, rpts = formats_per_token(x.cpu())
+    assert_bytes_equal(ox, p, "x vs formats (CPU)")
+    assert_bytes_equal(osf, sf, "x_sf vs formats (CPU)")
+    assert_bytes_equal(pts, rpts, "x_scales vs formats (CPU)")
+    gp, gsf, gpts = formats_per_token(x)
+    report[f"per_token T={t} H={h}"] = {
+        "vs_formats_cpu": {"x_bytes": 0, "sf_words": 0, "pts": 0},
+        "vs_formats_gpu": {"x_bytes": mismatches(ox, gp), "sf_words": mismatches(osf, gsf),
+                           "pts_rows": int((pts.cpu() != gpts.cpu()).sum())},
+        "n_bytes": ox.numel(), "n_rows": t}
+
+
+def test_fp16_input(report: dict[str, Any]) -> None:
+    x = make_x(4096, 7168, torch.float16, seed=99)
+    scale = torch.tensor([float(x.float().abs().amax()) / 2688], device=DEV)
+    ox, osf = run_static(x, scale)
+    p, sf = formats_static(x.cpu(), scale.cpu())
+    assert_bytes_equal(ox, p, "x (fp16)")
+    assert_bytes_equal(osf, sf, "x_sf (fp16)")
+    ox, osf, pts = run_per_token(x)
+    p, sf, rpts = formats_per_token(x.cpu())
+    assert_bytes_equal(ox, p, "x (fp16, per token)")
+    assert_bytes_equal(osf, sf, "x_sf (fp16, per token)")
+    assert_bytes_equal(pts, rpts, "x_scales (fp16)")
+    report["fp16 T=4096 H=7168"] = "bit-exact vs formats (CPU), both conventions"
+
+
+def test_edge_values_inf_nan() -> None:
+    x = make_x(64, 3072, seed=5).float()
+    x[5, 5] = float("inf")
+    x[6, 17] = float("-inf")
+    x[7, 33] = float("nan")
+    x[8] = 2.0**-133  # bf16 subnormals
+    x[9] *= 1e30
+    x = x.to(torch.bfloat16)
+    for scale in (1.0, 2.0**-10, 1e-12, 1e20):
+        ox, osf = run_static(x, torch.tensor([scale], device=DEV))
+        p, sf = formats_static(x.cpu(), torch.tensor(scale))
+        assert_bytes_equal(ox, p, f"x (scale {scale})")
+        assert_bytes_equal(osf, sf, f"x_sf (scale {scale})")
+    ox, osf, pts = run_per_token(x)
+    p, sf, rpts = formats_per_token(x.cpu())
+    assert_bytes_equal(ox, p, "x (per token)")
+    assert_bytes_equal(osf, sf, "x_sf (per token)")
+    nan = torch.isnan(rpts)
+    assert torch.equal(torch.isnan(pts.cpu()), nan)
+    assert_bytes_equal(pts.cpu()[~nan], rpts[~nan], "x_scales (per token)")
+
+
+@pytest.mark.parametrize(("rows", "block", "warps"), [(1, 512, 4), (4, 1024, 8), (8, 256, 4),
+                                                      (16, 64, 2)])
+def test_tile_shapes_agree(rows: int, block: int, warps: int) -> None:
+    x = make_x(1000, 7168, seed=12)
+    cfg = TileConfig(rows=rows, block=block, num_warps=warps)
+    scale = torch.tensor([0.003], device=DEV)
+    assert_bytes_equal(run_static(x, scale, cfg)[0], run_static(x, scale)[0], "static x")
+    a, b = run_per_token(x, cfg), run_per_token(x)
+    for u, v, n in zip(a, b, ("x", "x_sf", "pts"), strict=True):
+        assert_bytes_equal(u, v, f"per-token {n}")
+
+
+def test_writes_only_the_callers_rows() -> None:
+    t, h = 77, 7168
+    x = make_x(t, h, seed=4)
+    big_x = torch.full((t + 5, h // 2 + 64), 0xAB, dtype=torch.uint8, device=DEV)
+    big_sf = torch.full((t + 5, h // 64 + 8), 0x5A5A5A5A, dtype=torch.int32, device=DEV)
+    big_pts = torch.full((t + 5,), -1.0, device=DEV)
+    stage_nvfp4_activations_per_token(x, big_x[:t, : h // 2], big_sf[:t, : h // 64], big_pts[:t])
+    torch.cuda.synchronize()
+    assert bool((big_x[t:] == 0xAB).all()) and bool((big_x[:, h // 2:] == 0xAB).all())
+    assert bool((big_sf[t:] == 0x5A5A5A5A).all()) and bool((big_sf[:, h // 64:] == 0x5A5A5A5A)
+                                                           .all())
+    assert bool((big_pts[t:] == -1.0).all())
+    p, sf, _ = formats_per_token(x.cpu())
+    assert_bytes_equal(big_x[:t, : h // 2], p, "x inside the view")
+    assert_bytes_equal(big_sf[:t, : h // 64], sf, "x_sf inside the view")
+
+
+# --- independent reference: sgl-deep-gemm's CUDA kernel --------------------------------------
+@pytest.fixture(scope="module")
+def sgl_kernels():
+    pytest.importorskip("cupy")
+    from sgl_oracle import PreDispatch, cubins
+
+    try:
+        paths = cubins()
+    except (FileNotFoundError, OSError) as e:
+        pytest.skip(f"sgl-deep-gemm pre-dispatch kernel unavailable: {e}")
+    return {name: PreDispatch(path) for name, path in paths.items()}
+
+
+def _tie_distance(x: torch.Tensor, sf_bytes: torch.Tensor, pts: torch.Tensor,
+                  where: torch.Tensor) -> float:
+    """Largest relative distance from an E2M1 threshold among the mismatching elements."""
+    if not bool(where.any()):
+        return 0.0
+    t, h = x.shape
+    denom = decode_ue4m3(sf_bytes.cpu()).double() * pts.cpu().double()[:, None]
+    q = (x.cpu().double().reshape(t, h // 16, 16) / denom[..., None]).reshape(t, h).abs()
+    q = q[where.cpu()]
+    return float(((q[:, None] - E2M1_THRESHOLDS) / E2M1_THRESHOLDS).abs().amin(dim=1).max())
+
+
+@pytest.mark.parametrize("variant", ["ieee", "fastmath"])
+@pytest.mark.parametrize("h", HIDDEN)
+@pytest.mark.parametrize("t", [1, 7, 128, 4096])
+def test_per_token_vs_sgl_kernel(t: int, h: int, variant: str, sgl_kernels,
+                                 report: dict[str, Any]) -> None:
+    x = make_x(t, h, seed=17 * t + h)
+    ox, osf, pts = run_per_token(x)
+    sx, ssf, spts = sgl_kernels[variant](x)
+    pts_c, spts_c = pts.cpu(), spts.cpu()
+    pts_rows = int((pts_c != spts_c).sum())
+    ulp = (pts_c.view(torch.int32) - spts_c.view(torch.int32)).abs().max().item()
+    assert ulp <= 1, "per-token scales differ by more than one ulp"
+    if variant == "ieee":
+        assert pts_rows == 0, "IEEE build: pts = max(amax, 1e-4) / 2688 must match exactly"
+    sfa = unpack_sf_int32_to_bytes(osf.cpu(), h // 16)
+    sfb = unpack_sf_int32_to_bytes(ssf.cpu(), h // 16)
+    sf_bad = sfa != sfb
+    assert int((sfa.int() - sfb.int()).abs().max()) <= 1, "a scale byte differs by more than 1"
+    if variant == "ieee":
+        assert not bool(sf_bad.any()), "IEEE build: scale bytes must match exactly"
+    ca, cb = unpack_e2m1(ox.cpu()), unpack_e2m1(sx.cpu())
+    neg_zero = int(((ca == 8) & (cb == 0)).sum())
+    ca = torch.where(ca == 8, torch.zeros_like(ca), ca)  # the fork never writes -0 (code 8)
+    code_bad = ca != cb
+    same_block = ~sf_bad.repeat_interleave(16, dim=1)
+    bad_same_sf = code_bad & same_block
+    # where the scale bytes agree, every differing code is a neighbour: a tie decided by
+    # a differently rounded reciprocal, never a different value
+    ma, mb = (ca & 7).int(), (cb & 7).int()
+    neighbour = ((ma - mb).abs() == 1) & (((ca >> 3) == (cb >> 3)) | (ma == 0) | (mb == 0))
+    assert bool(neighbour[bad_same_sf].all()), "a differing code is not a neighbouring value"
+    n = ca.numel()
+    assert int(code_bad.sum()) <= max(8, n // 1000), "too many code differences for ties"
+    report[f"sgl {variant} T={t} H={h}"] = {
+        "pts_rows_differ": pts_rows, "pts_max_ulp": ulp,
+        "sf_bytes_differ": int(sf_bad.sum()), "n_sf": sfa.numel(),
+        "codes_differ": int(code_bad.sum()), "codes_differ_same_sf": int(bad_same_sf.sum()),
+        "n_codes": n, "ours_minus_zero_vs_their_plus_zero": neg_zero,
+        "max_rel_distance_to_threshold": _tie_distance(x, osf_bytes(osf, h), pts, bad_same_sf)}
+
+
+def osf_bytes(osf: torch.Tensor, h: int) -> torch.Tensor:
+    return unpack_sf_int32_to_bytes(osf.cpu(), h // 16)
+
+
+# --- dequant at DeepSeek V4 Pro shapes -------------------------------------------------------
+def assert_bf16_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    got, want = got.cpu(), want.cpu()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), f"{what}: NaN positions differ"
+    assert_bytes_equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16), what)
+
+
+@pytest.mark.parametrize("shape", [(3072, 7168), (7168, 3072), (65536, 1536)])
+def test_dequant_bit_exact(shape: tuple[int, int], report: dict[str, Any]) -> None:
+    g = torch.Generator(device=DEV).manual_seed(shape[0])
+    w = torch.randn(*shape, generator=g, device=DEV) * 0.02
+    t = quantize_nvfp4_weight(w)
+    out = dequantize_nvfp4_to_bf16(t.packed, t.block_scale, t.global_scale)
+    assert_bf16_equal(out, dequantize_nvfp4(t.packed, t.block_scale, t.global_scale,
+                                            dtype=torch.bfloat16), "vs formats (GPU)")
+    assert_bf16_equal(out, dequantize_nvfp4(t.packed.cpu(), t.block_scale.cpu(),
+                                            t.global_scale.cpu(), dtype=torch.bfloat16),
+                      "vs formats (CPU)")
+    report[f"dequant {shape}"] = "bit-exact vs formats on GPU and CPU"
+
+
+def test_dequant_random_bytes() -> None:
+    g = torch.Generator(device=DEV).manual_seed(1)
+    packed = torch.randint(0, 256, (3072, 3584), generator=g, device=DEV, dtype=torch.int32)
+    packed = packed.to(torch.uint8)
+    sf = torch.randint(0, 0x80, (3072, 448), generator=g, device=DEV, dtype=torch.int32)
+    sf = sf.to(torch.uint8).view(torch.float8_e4m3fn)  # includes 0x7F (NaN) and subnormals
+    for gs in (3.7e-5, 1.0, 1e30):
+        out = dequantize_nvfp4_to_bf16(packed, sf, gs)
+        assert_bf16_equal(out, dequantize_nvfp4(packed, sf, gs, dtype=torch.bfloat16),
+                          f"random bytes, global {gs}")
+
+
+# --- the exact bit helpers, exhaustively ----------------------------------------------------
+@triton.jit
+def _map_kernel(src_ptr, dst_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    if OP == 0:
+        tl.store(dst_ptr + offs, e4m3_encode_bits(tl.load(src_ptr + offs, mask=m)), mask=m)
+    elif OP == 1:
+        tl.store(dst_ptr + offs, k_e4m3_decode(tl.load(src_ptr + offs, mask=m)), mask=m)
+    elif OP == 2:
+        tl.store(dst_ptr + offs, k_e2m1_encode(tl.load(src_ptr + offs, mask=m)), mask=m)
+    elif OP == 3:
+        tl.store(dst_ptr + offs, k_e2m1_decode(tl.load(src_ptr + offs, mask=m)), mask=m)
+    else:
+        tl.store(dst_ptr + offs, f32_to_bf16_bits(tl.load(src_ptr + offs, mask=m)), mask=m)
+
+
+def _map(op: int, src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    dst = torch.empty(src.shape, dtype=dtype, device=DEV)
+    _map_kernel[(triton.cdiv(src.numel(), 4096),)](src, dst, src.numel(), OP=op, BLOCK=4096)
+    return dst
+
+
+CHUNK = 1 << 28
+
+
+def _chunks(lo: int, hi: int):
+    for start in range(lo, hi, CHUNK):
+        stop = min(start + CHUNK, hi)
+        yield torch.arange(start, stop, dtype=torch.int64, device=DEV).to(torch.int32).view(
+            torch.float32)
+
+
+def test_e4m3_encode_all_non_negative_fp32(report: dict[str, Any]) -> None:
+    bad = 0
+    for v in _chunks(0, 1 << 31):
+        got = _map(0, v, torch.int32).to(torch.uint8)
+        bad += int((got != encode_ue4m3(v).view(torch.uint8)).sum())
+    report["e4m3 encode, all 2^31 non-negative fp32"] = bad
+    assert bad == 0
+
+
+def test_e2m1_encode_all_fp32(report: dict[str, Any]) -> None:
+    bad = 0
+    for v in _chunks(-(1 << 31), 1 << 31):
+        bad += int((_map(2, v, torch.int32).to(torch.uint8) != e2m1_encode(v)).sum())
+    report["e2m1 encode, all 2^32 fp32"] = bad
+    assert bad == 0
+
+
+def test_bf16_rounding_all_fp32(report: dict[str, Any]) -> None:
+    bad = 0
+    for v in _chunks(-(1 << 31), 1 << 31):
+        got = _map(4, v, torch.int32)
+        want = v.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+        nan = torch.isnan(v)
+        bad += int(((got != want) & ~nan).sum()) + int((((got & 0x7FFF) <= 0x7F80) & nan).sum())
+    report["bf16 rounding, all 2^32 fp32"] = bad
+    assert bad == 0
+
+
+def test_decoders_every_code() -> None:
+    codes = torch.arange(256, dtype=torch.int32, device=DEV)
+    got = _map(1, codes, torch.float32).cpu()
+    want = decode_ue4m3(codes.cpu().to(torch.uint8))
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+    got = _map(3, codes[:16], torch.float32).cpu()
+    assert torch.equal(got.view(torch.int32),
+                       e2m1_decode(codes[:16].cpu().to(torch.uint8)).view(torch.int32))
