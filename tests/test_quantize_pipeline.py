@@ -121,7 +121,8 @@ def test_experts_export_numerics(srcs, experts_export) -> None:
     src, exp = _tensors(srcs["bf16"]), _tensors(export)
     report = json.loads((export / "quantize_report.json").read_text())
     assert report["recipe"] == "experts" and report["experts"]["uncalibrated"] == {}
-    assert report["norms_cast_to_bf16"] == 16 and report["unquantized_by_modelopt"] == []
+    assert report["norms_in_bf16"] == 16 and report["norms_cast_after_load"] == []
+    assert report["unquantized_by_modelopt"] == []
     errs = []
     for layer in range(3):
         per_layer_in = {"gate_proj": set(), "up_proj": set(), "down_proj": set()}

@@ -182,3 +182,20 @@ def test_coverage_check() -> None:
         check_expert_coverage(cov, allow=False)
     assert "experts [1, 3]" in check_expert_coverage(cov, allow=True)
     assert check_expert_coverage(expert_coverage({"x": torch.tensor([1, 2])}), False) is None
+
+
+def test_norms_load_in_bf16_and_class_is_restored(small_src: Path) -> None:
+    from dsv4_nvfp4.quantize.traps import bf16_norms_at_load, count_norms
+
+    cls = transformers.DeepseekV4ForCausalLM
+    before = list(cls._keep_in_fp32_modules_strict)
+    with bf16_norms_at_load(cls) as removed:
+        model = cls.from_pretrained(small_src, dtype=torch.bfloat16,
+                                    experts_implementation="eager").eval()
+    assert sorted(removed) == sorted(["q_a_norm", "kv_norm", "input_layernorm",
+                                      "post_attention_layernorm", "norm"])
+    assert list(cls._keep_in_fp32_modules_strict) == before
+    assert count_norms(model, torch.bfloat16) == 16 and count_norms(model, torch.float32) == 0
+    assert model.model.layers[0].attn_hc.fn.dtype == torch.float32   # hc stays fp32
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(), use_cache=False).logits.float()).all()

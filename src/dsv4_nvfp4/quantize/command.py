@@ -207,8 +207,9 @@ def _calibrate_and_export(args, recipe: Recipe, calib, src, work: Path, export_d
     t = time.monotonic()
     loaded = load_bf16_model(args.checkpoint, args.device_map, args.max_gpu_memory,
                              args.offload_dir)
-    _say(f"loaded in {time.monotonic() - t:.0f} s; cast {len(loaded.norms_cast)} fp32 norms to "
-         "bf16 (exact)" + ("; set config.architectures" if loaded.architectures_set else ""))
+    _say(f"loaded in {time.monotonic() - t:.0f} s; {loaded.norms_bf16} RMSNorm weights in bf16 "
+         "(transformers keeps them fp32, which breaks a bf16 forward)"
+         + ("; set config.architectures" if loaded.architectures_set else ""))
     import modelopt.torch.quantization  # noqa: F401  (defines the fake-quant op)
 
     if loaded.on_cpu:
@@ -246,7 +247,8 @@ def _calibrate_and_export(args, recipe: Recipe, calib, src, work: Path, export_d
         "calibration": {"source": calib.source, "conversations": calib.conversations,
                         "samples": len(calib.samples), "tokens": calib.tokens,
                         "seq_len": args.seq_len, "digest": calib.digest},
-        "norms_cast_to_bf16": len(loaded.norms_cast),
+        "norms_in_bf16": loaded.norms_bf16,
+        "norms_cast_after_load": loaded.norms_cast,
         "architectures_set": loaded.architectures_set,
         "quantized_modules": len(audit.quantized),
         "unquantized_by_modelopt": audit.skipped_silently,

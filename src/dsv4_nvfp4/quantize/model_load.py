@@ -3,8 +3,9 @@
 Why these arguments: ``experts_implementation="eager"`` because ModelOpt
 intercepts the experts' ``F.linear`` calls, which the grouped_mm backend
 (transformers' default on GPU) bypasses — calibration would silently see no
-expert input; ``dtype=bfloat16`` plus :func:`traps.cast_fp32_norms` because
-transformers' fp32 norms break a bf16 forward. ``device_map`` spreads layers
+expert input; ``dtype=bfloat16`` with norms loaded in bf16
+(:func:`traps.bf16_norms_at_load`) because transformers' fp32 norms break a
+bf16 forward. ``device_map`` spreads layers
 over the visible GPUs (accelerate), with optional CPU/disk offload for models
 larger than GPU memory (V4 Pro in BF16 is ~3.2 TB).
 """
@@ -17,13 +18,14 @@ from pathlib import Path
 import torch
 
 from .errors import QuantizeInputError
-from .traps import cast_fp32_norms, ensure_architectures
+from .traps import bf16_norms_at_load, cast_fp32_norms, count_norms, ensure_architectures
 
 
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    norms_cast: list[str]
+    norms_bf16: int          # RMSNorm weights in bf16 (transformers would keep them fp32)
+    norms_cast: list[str]    # of those, cast after loading (none when loaded as bf16)
     architectures_set: bool
     input_device: torch.device
     on_cpu: bool
@@ -68,7 +70,8 @@ def load_bf16_model(path: Path, device_map: str, max_gpu_memory_gib: float | Non
         if offload_dir is not None:
             kwargs["offload_folder"] = str(offload_dir)
     try:
-        model = cls.from_pretrained(str(path), **kwargs)
+        with bf16_norms_at_load(cls):
+            model = cls.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         # transformers' own message names the problem; keep it to one line.
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -83,4 +86,5 @@ def load_bf16_model(path: Path, device_map: str, max_gpu_memory_gib: float | Non
     device = model.get_input_embeddings().weight.device
     if device.type == "meta":  # embeddings offloaded: accelerate moves inputs itself
         device = torch.device("cuda", 0)
-    return LoadedModel(model, norms, arch, device, dm is None)
+    return LoadedModel(model, count_norms(model, torch.bfloat16), norms, arch, device,
+                       dm is None)

@@ -9,8 +9,9 @@ the handling removing it.
 1. fp32 norms: transformers keeps every RMSNorm weight in fp32
    (``_keep_in_fp32_modules_strict``); an fp32 weight makes the norm return
    fp32, and the next bf16 Linear raises a dtype mismatch, so a bf16 forward
-   (calibration) is impossible. We cast norm weights to bf16; the checkpoint
-   stores them in BF16, so the cast is exact (checked).
+   (calibration) is impossible. We load norms in bf16 (exact: the checkpoint
+   stores them in BF16; this also reaches offloaded layers) and cast any fp32
+   norm left in memory (checked exact).
 2. ``config.architectures`` unset (a model built from a config): ModelOpt's
    export crashes in ``is_multimodal_model``. We set it before export.
 3. ``o_a_proj`` (``DeepseekV4GroupedLinear``, an ``nn.Linear`` subclass with
@@ -58,6 +59,37 @@ ARCHITECTURE = "DeepseekV4ForCausalLM"
 def _is_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") and isinstance(
         getattr(module, "weight", None), torch.Tensor)
+
+
+# The entries of DeepseekV4PreTrainedModel._keep_in_fp32_modules_strict that name norms.
+_NORM_KEYS = ("q_a_norm", "kv_norm", "input_layernorm", "post_attention_layernorm", "norm")
+
+
+@contextlib.contextmanager
+def bf16_norms_at_load(cls: type) -> Iterator[list[str]]:
+    """Load norms in bf16: drop them from the class's keep-in-fp32 list for one load.
+
+    Why at load and not only after: with CPU/disk offload (V4 Pro in BF16 does
+    not fit 8 GPUs) offloaded norm weights live in accelerate's offload map,
+    where a cast of the module's parameter never reaches them. The checkpoint
+    stores norms in BF16, so loading them as bf16 is exact. The class attribute
+    is restored on exit. Yields the names removed.
+    """
+    attr = "_keep_in_fp32_modules_strict"
+    # Patch the class that defines it (DeepseekV4PreTrainedModel): transformers merges the
+    # lists of the model's children, and DeepseekV4Model inherits it from there too.
+    owner = next((c for c in cls.__mro__ if attr in c.__dict__), cls)
+    saved = owner.__dict__.get(attr)
+    current = list(saved or [])
+    setattr(owner, attr, [m for m in current if m not in _NORM_KEYS])
+    try:
+        yield [m for m in current if m in _NORM_KEYS]
+    finally:
+        setattr(owner, attr, saved)
+
+
+def count_norms(model: nn.Module, dtype: torch.dtype) -> int:
+    return sum(1 for _, m in model.named_modules() if _is_norm(m) and m.weight.dtype == dtype)
 
 
 def cast_fp32_norms(model: nn.Module) -> list[str]:
