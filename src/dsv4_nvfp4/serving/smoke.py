@@ -627,7 +627,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help=f"server base URL ({DEFAULT_URL})")
     p.add_argument("--model", default=None, help="served model name (default: first listed)")
     p.add_argument("--api-key", default=None, help="bearer token (default: $VLLM_API_KEY)")
-    p.add_argument("--json", type=Path, default=Path("reports/smoke.json"), help="JSON report path")
+    p.add_argument(
+        "--json",
+        type=lambda s: Path(s) if s else None,
+        default=Path("reports/smoke.json"),
+        help="JSON report path ('' for none)",
+    )
     p.add_argument("--checks", default=None, help=f"comma-separated subset of: {','.join(CHECKS)}")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per short request (16)")
     p.add_argument("--tool-max-tokens", type=int, default=256, help="tokens for the tool call")
