@@ -25,7 +25,7 @@ $VPY -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || tru
 $PIP install \
   "torch==${TORCH_CPU_VERSION}" \
   "triton==${TRITON_VERSION}" "numpy==${NUMPY_VERSION}" \
-  "nvidia-modelopt==${MODELOPT_VERSION}" \
+  "nvidia-modelopt==${MODELOPT_VERSION}" "transformers==${TRANSFORMERS_VERSION}" \
   "compressed-tensors==${COMPRESSED_TENSORS_VERSION}" \
   "ml_dtypes==${ML_DTYPES_VERSION}" \
   "pytest==${PYTEST_VERSION}" "hypothesis==${HYPOTHESIS_VERSION}" \
