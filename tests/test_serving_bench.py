@@ -73,3 +73,13 @@ def test_bad_datasets_argument_is_one_line(capsys) -> None:
     assert capsys.readouterr().err == (
         "bench: --datasets: expected random and/or chat, got 'random,sharegpt'\n"
     )
+
+
+@pytest.mark.cpu
+def test_tokenizer_falls_back_to_model_dir(tmp_path, monkeypatch) -> None:
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    assert bench._local_tokenizer("/model") == str(tmp_path)  # the container's mount point
+    monkeypatch.delenv("MODEL_DIR")
+    with pytest.raises(bench.BenchError, match="pass --tokenizer DIR"):
+        bench._local_tokenizer("/model")

@@ -331,6 +331,21 @@ def plot(runs: list[RunResult], gpus: int, path: Path, title: str) -> Path:
     return path
 
 
+def _local_tokenizer(root: str | None) -> str:
+    """The served checkpoint's directory on this machine: vLLM's ``root`` or ``$MODEL_DIR``.
+
+    Inside the container the model is mounted at ``/model``, which does not
+    exist on the host; ``MODEL_DIR`` (from ``.env``) is the same directory there.
+    """
+    for candidate in (root, os.environ.get("MODEL_DIR")):
+        if candidate and (Path(candidate) / "tokenizer_config.json").is_file():
+            return candidate
+    raise BenchError(
+        f"no tokenizer here: the served model's path {root!r} is not on this machine and "
+        "MODEL_DIR is unset; pass --tokenizer DIR (the checkpoint directory)"
+    )
+
+
 def sweep(cfg: BenchConfig) -> dict:
     """Every (prompt set, concurrency) run, the JSON report and the plot, under ``out_dir``."""
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -347,8 +362,7 @@ def sweep(cfg: BenchConfig) -> dict:
             )
         cfg.model = entry["id"]
         if cfg.tokenizer is None:
-            root = entry.get("root")
-            cfg.tokenizer = root if root and Path(root).is_dir() else cfg.model
+            cfg.tokenizer = _local_tokenizer(entry.get("root"))
         chat_path = cfg.chat_dataset
         if "chat" in cfg.datasets and chat_path is None:
             chat_path = write_chat_dataset(cfg.out_dir / "chat_prompts.sharegpt.json")
