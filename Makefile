@@ -64,16 +64,21 @@ ps: ## Show the container and its health (starting / healthy / unhealthy)
 	$(COMPOSE) ps
 
 # --- checks against a running server ------------------------------------------
-# The tools read VLLM_API_KEY from the environment (never put it on a command line).
+# The tools read VLLM_API_KEY from the environment (never put it on a command line);
+# on the node it comes from .env, like MODEL_DIR (bench's tokenizer) and the model name.
+-include .env
+export VLLM_API_KEY MODEL_DIR
 URL ?= http://127.0.0.1:8000
+SMOKE_ARGS ?=
+BENCH_ARGS ?=
 CLI := $(PY) -m dsv4_nvfp4.cli
 
 .PHONY: smoke bench eval acceptance demo doctor
 smoke: ## Smoke-test the OpenAI API at URL (default http://127.0.0.1:8000)
-	$(CLI) smoke --url $(URL)
+	$(CLI) smoke --url $(URL) $(SMOKE_ARGS)
 
 bench: ## Throughput/latency sweep against URL (vllm bench serve)
-	$(CLI) bench --url $(URL)
+	$(CLI) bench --url $(URL) $(if $(MODEL_DIR),--tokenizer $(MODEL_DIR)) $(BENCH_ARGS)
 
 eval: ## GSM8K 8-shot (lm-eval) against URL
 	$(CLI) eval --url $(URL)

