@@ -34,10 +34,15 @@ except InterpreterUnavailable:  # triton came first in this pytest process
 import triton
 import triton.language as tl
 
+from dsv4_nvfp4.kernels._bits import (
+    div_by_reciprocal,
+    div_rn,
+    e4m3_encode_bits,
+    f32_to_bf16_bits,
+)
 from dsv4_nvfp4.kernels._bits import e2m1_decode as k_e2m1_decode
 from dsv4_nvfp4.kernels._bits import e2m1_encode as k_e2m1_encode
 from dsv4_nvfp4.kernels._bits import e4m3_decode as k_e4m3_decode
-from dsv4_nvfp4.kernels._bits import e4m3_encode_bits, f32_to_bf16_bits
 
 pytestmark = pytest.mark.cpu
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "src" / "dsv4_nvfp4" / "kernels"
@@ -171,6 +176,39 @@ def test_bf16_rounding_sweep_matches_torch() -> None:
     nan = torch.isnan(v)
     assert bool(((got[nan] & 0x7FFF) > 0x7F80).all()), "NaN must stay NaN"
     assert_bitwise_equal(got[~nan], want[~nan], "bf16 bits over the fp32 sweep")
+
+
+@triton.jit
+def _division_kernel(x_ptr, d_ptr, exact_ptr, fast_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(x_ptr + offs, mask=m, other=0.0)
+    d = tl.load(d_ptr + offs, mask=m, other=1.0)
+    tl.store(exact_ptr + offs, div_rn(x, d), mask=m)
+    z = div_rn(tl.full([BLOCK], 1.0, tl.float32), d)
+    tl.store(fast_ptr + offs, div_by_reciprocal(x, d, z), mask=m)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_reciprocal_division_matches_ieee_division() -> None:
+    """The per-token kernel's x / (SF * pts) via RN(1/d) and two FMAs: every finite bf16 x
+    over 12 divisors in [2**-34, 2**16), quotients up to 2**20: IEEE bits where x and the
+    quotient are at least 2**-100 (below that the FMA remainder can underflow), and the
+    same E2M1 code everywhere."""
+    x = (torch.arange(0, 1 << 16, dtype=torch.int32) << 16).view(torch.float32)
+    x = x[torch.isfinite(x)]
+    d = torch.tensor([2.0**-34, 3.3e-9, 1.7154823e-3, 0.1, 0.75, 1.0, 1.5, 7.0, 1e3,
+                      12345.678, 2.0**15, 65535.0])
+    xs, ds = x.repeat(d.numel()), d.repeat_interleave(x.numel())
+    exact, fast = torch.empty_like(xs), torch.empty_like(xs)
+    _division_kernel[(triton.cdiv(xs.numel(), BLOCK),)](xs, ds, exact, fast, xs.numel(),
+                                                        BLOCK=BLOCK)
+    domain = (xs.double() / ds.double()).abs() <= 2.0**20
+    normal = (exact.abs() >= 2.0**-100) & (xs.abs() >= 2.0**-100)
+    assert int(domain.sum()) > 400_000
+    assert_bitwise_equal(fast[domain & normal].view(torch.int32),
+                         exact[domain & normal].view(torch.int32), "quotient bits")
+    assert_bitwise_equal(e2m1_encode(fast[domain]), e2m1_encode(exact[domain]), "E2M1 codes")
 
 
 def test_no_shift_by_32_or_more_in_kernel_sources() -> None:

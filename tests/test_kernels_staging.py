@@ -195,6 +195,22 @@ def test_per_token_edge_rows() -> None:
     check_per_token(edge_rows(128))
 
 
+def test_per_token_huge_rows_take_the_exact_division() -> None:
+    """Rows with pts > 128 (amax > ~3.4e5) divide exactly: there a bf16 subnormal's quotient
+    can round to zero, where the reciprocal form could differ in the sign of a zero code."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(6, 256, generator=g)
+    x[0] *= 1e7
+    x[1] *= 1e30
+    x[2, 7] = 1e6
+    x[0, 3::16] = -(2.0**-133)  # negative bf16 subnormals beside huge values
+    x[1, 5::16] = -(2.0**-130)
+    x[2, 9::16] = 2.0**-133
+    x = x.to(torch.bfloat16)
+    check_per_token(x)
+    check_per_token(x[3:])  # the same rows with only small values take the fast form
+
+
 @settings(max_examples=15, deadline=None)
 @given(t=st.integers(1, 9), groups=st.integers(1, 12), log_scale=st.floats(-40, 40),
        seed=st.integers(0, 2**31 - 1))

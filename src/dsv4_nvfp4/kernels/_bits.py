@@ -9,6 +9,11 @@ identically, so one code path is bit-exact on both. Divisions use
 ``tl.math.div_rn`` (IEEE round-to-nearest on the GPU, numpy's true division
 in the interpreter).
 
+On the GPU the three conversions that the hardware does exactly (fp32 →
+E4M3 with RNE and saturation, E4M3 → fp32, fp32 → bf16 with RNE) use its
+instructions instead (``HW=True``, a few instructions fewer per element);
+the GPU tests compare both forms with ``formats`` over every fp32 input.
+
 All shifts are by constants or clamped amounts below 32 (the earlier attempt
 shifted an int32 by 32, which is poison in LLVM).
 
@@ -61,6 +66,31 @@ def pair_to_f32(w, IS_BF16: tl.constexpr):
         lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         hi = ((w >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return lo, hi
+
+
+@triton.jit
+def abs_max(a, b):
+    """max(|a|, |b|) with NaN propagating, like torch's ``amax`` (on the GPU one FMNMX.NAN)."""
+    return tl.maximum(tl.abs(a), tl.abs(b), propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_max_reduce(x, axis: tl.constexpr, HW: tl.constexpr):
+    """``max`` of non-negative values (or NaN) along ``axis``, propagating NaN like torch.
+
+    ``tl.max`` drops NaN. On the GPU a reduction with a NaN-propagating max;
+    in the interpreter (where a custom combine function runs in Python, far too
+    slowly) an integer max over the bits, which orders NaN above +inf.
+    """
+    if HW:
+        return tl.reduce(x, axis, _nan_max)
+    else:
+        return bits_f32(tl.max(f32_bits(x), axis))
 
 
 @triton.jit
@@ -127,6 +157,39 @@ def e4m3_decode(code):
 
 
 @triton.jit
+def e4m3_encode(v, HW: tl.constexpr):
+    """:func:`e4m3_encode_bits`, or on the GPU the hardware ``cvt.rn.satfinite.e4m3x2.f32``.
+
+    The hardware conversion saturates at 448 and keeps NaN as 0x7F, which is
+    ``formats.encode_ue4m3`` for non-negative inputs (checked on all of them).
+    """
+    if HW:
+        return v.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
+        return e4m3_encode_bits(v)
+
+
+@triton.jit
+def e4m3_to_f32(code, HW: tl.constexpr):
+    """:func:`e4m3_decode`, or on the GPU the hardware E4M3 → fp32 conversion."""
+    if HW:
+        return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        return e4m3_decode(code)
+
+
+@triton.jit
+def bf16_pair_word(lo, hi, HW: tl.constexpr):
+    """Two fp32 → one int32 holding bf16(lo) in the low and bf16(hi) in the high half (RNE)."""
+    if HW:
+        blo = lo.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.int32)
+        bhi = hi.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.int32)
+        return blo | (bhi << 16)
+    else:
+        return f32_to_bf16_bits(lo) | (f32_to_bf16_bits(hi) << 16)
+
+
+@triton.jit
 def e2m1_encode(y):
     """fp32 → E2M1 code (int32 0..15), exactly ``formats.e2m1_encode``.
 
@@ -190,6 +253,23 @@ def pack_sf_words(sf_bytes, R: tl.constexpr, G: tl.constexpr):
     shifts = (tl.arange(0, 4) * 8).to(tl.uint32)
     words = tl.sum(quads << shifts[None, None, :], axis=2)
     return words.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def div_by_reciprocal(x, d, z):
+    """``RN(x / d)`` given ``z = RN(1 / d)``: one multiply and two FMAs, no division.
+
+    Markstein's correction: ``q = RN(x z)``, the remainder ``r = x - d q`` is
+    exact with an FMA, and ``RN(q + r z)`` is the correctly rounded quotient
+    (Muller, Raina, Brisebarre, IEEE Trans. Computers 53(8), 2004), provided
+    the remainder does not underflow (x and the quotient above ~2**-100; tests
+    check this on every bf16 x). Below that only the last bits of a quotient far
+    under every E2M1 threshold can move, which cannot change its code; the
+    per-token kernel still divides exactly wherever a quotient could round to 0.
+    """
+    q = x * z
+    r = tl.fma(-d, q, x)
+    return tl.fma(r, z, q)
 
 
 @triton.jit

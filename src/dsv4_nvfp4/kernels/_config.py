@@ -41,9 +41,9 @@ def pow2_divisor(n: int, cap: int) -> int:
     return min(n & -n, cap)
 
 
-# GPU defaults (H100, chosen with benchmarks/kernels_bench.py).
+# GPU defaults: the fastest tiles of benchmarks/kernels_bench.py on an H100 (docs/kernels.md).
 GPU_STAGING_BLOCK = 1024
-GPU_STAGING_ROWS = 2
+GPU_STAGING_ROWS = 4
 GPU_PER_TOKEN_ROWS = 1
 GPU_DEQUANT_BLOCK = 1024
 GPU_DEQUANT_ROWS = 2

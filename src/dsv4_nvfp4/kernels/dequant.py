@@ -16,7 +16,7 @@ import triton.language as tl
 from dsv4_nvfp4.formats.constants import NVFP4_GROUP
 from dsv4_nvfp4.formats.errors import expect
 
-from ._bits import e2m1_decode, e4m3_decode, f32_to_bf16_bits
+from ._bits import bf16_pair_word, e2m1_decode, e4m3_to_f32
 from ._config import TileConfig, check_tile, dequant_tile
 from .staging import scale_tensor
 
@@ -25,7 +25,7 @@ _FP4X2 = getattr(torch, "float4_e2m1fn_x2", None)
 
 @triton.jit
 def _dequant_kernel(packed_ptr, bs_ptr, g_ptr, out_ptr, N, stride_p, stride_bs, stride_ow,
-                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HW: tl.constexpr):
     """One tile of ROWS rows × BLOCK_K columns.
 
     Each packed byte becomes one int32 output word holding its two bf16 values
@@ -43,8 +43,8 @@ def _dequant_kernel(packed_ptr, bs_ptr, g_ptr, out_ptr, N, stride_p, stride_bs, 
     hi = tl.reshape(e2m1_decode((p >> 4) & 0xF), [ROWS, G, 8])
     scols = tl.program_id(1) * G + tl.arange(0, G)[None, :]
     sfb = tl.load(bs_ptr + rows64 * stride_bs + scols, mask=rmask, other=0).to(tl.int32)
-    scale = (e4m3_decode(sfb) * tl.load(g_ptr))[:, :, None]  # formats: fp32(block) * global
-    word = f32_to_bf16_bits(lo * scale) | (f32_to_bf16_bits(hi * scale) << 16)
+    scale = (e4m3_to_f32(sfb, HW) * tl.load(g_ptr))[:, :, None]  # formats: fp32(block) * global
+    word = bf16_pair_word(lo * scale, hi * scale, HW)
     tl.store(out_ptr + rows64 * stride_ow + wcols, tl.reshape(word, [ROWS, W]), mask=rmask)
 
 
@@ -111,5 +111,6 @@ def dequantize_nvfp4_to_bf16(packed: torch.Tensor, block_scale: torch.Tensor,
     cfg = check_tile(config, k, NVFP4_GROUP) if config else dequant_tile(k, device=p.device)
     grid = (triton.cdiv(rows, cfg.rows), k // cfg.block)
     _dequant_kernel[grid](p2, bs2, g, o2, rows, p2.stride(0), bs2.stride(0), o2.stride(0),
-                          ROWS=cfg.rows, BLOCK_K=cfg.block, num_warps=cfg.num_warps)
+                          ROWS=cfg.rows, BLOCK_K=cfg.block, HW=p2.is_cuda,
+                          num_warps=cfg.num_warps)
     return out

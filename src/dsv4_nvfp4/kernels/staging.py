@@ -38,12 +38,13 @@ from dsv4_nvfp4.formats.constants import NVFP4_GROUP
 from dsv4_nvfp4.formats.errors import expect
 
 from ._bits import (
-    abs_bits,
-    bits_f32,
+    abs_max,
+    div_by_reciprocal,
     div_rn,
     e2m1_encode,
-    e4m3_decode,
-    e4m3_encode_bits,
+    e4m3_encode,
+    e4m3_to_f32,
+    nan_max_reduce,
     pack_sf_words,
     pair_to_f32,
 )
@@ -54,31 +55,40 @@ H_MULTIPLE = NVFP4_GROUP * SF_WORD_GROUPS  # 64: one int32 scale word
 
 
 @triton.jit
-def _group_amax(lo, hi, ROWS: tl.constexpr, G: tl.constexpr):
-    """Block-16 amax of a [ROWS, 8G] tile of (even, odd) pairs, NaN-propagating (int max)."""
-    a = tl.maximum(abs_bits(lo), abs_bits(hi))
-    return bits_f32(tl.max(tl.reshape(a, [ROWS, G, 8]), axis=2))
+def _group_amax(lo, hi, ROWS: tl.constexpr, G: tl.constexpr, HW: tl.constexpr):
+    """Block-16 amax of a [ROWS, 8G] tile of (even, odd) pairs, NaN-propagating like torch."""
+    a = tl.reshape(abs_max(lo, hi), [ROWS, G, 8])
+    return nan_max_reduce(a, 2, HW)
 
 
 @triton.jit
-def _packed_codes(lo, hi, scale, ROWS: tl.constexpr, G: tl.constexpr, DIVIDE: tl.constexpr):
-    """Per (even, odd) pair the byte code(lo) | code(hi) << 4 of ``x * scale`` or ``x / scale``."""
+def _packed_codes(lo, hi, scale, rcp, ROWS: tl.constexpr, G: tl.constexpr, MODE: tl.constexpr):
+    """Per (even, odd) pair the byte code(lo) | code(hi) << 4 of the scaled values.
+
+    MODE 0: ``x * scale``; 1: ``x / scale`` (IEEE division); 2: ``x / scale``
+    from ``rcp = 1 / scale`` (:func:`div_by_reciprocal`, same bits, fewer instructions).
+    """
     lo3 = tl.reshape(lo, [ROWS, G, 8])
     hi3 = tl.reshape(hi, [ROWS, G, 8])
     s3 = scale[:, :, None]
-    if DIVIDE:
+    if MODE == 0:
+        lo3 = lo3 * s3
+        hi3 = hi3 * s3
+    elif MODE == 1:
         lo3 = div_rn(lo3, s3)
         hi3 = div_rn(hi3, s3)
     else:
-        lo3 = lo3 * s3
-        hi3 = hi3 * s3
+        r3 = rcp[:, :, None]
+        lo3 = div_by_reciprocal(lo3, s3, r3)
+        hi3 = div_by_reciprocal(hi3, s3, r3)
     return e2m1_encode(lo3) | (e2m1_encode(hi3) << 4)
 
 
 @triton.jit
 def _stage_static_kernel(x_ptr, scale_ptr, out_x_ptr, out_sf_ptr, T,
                          stride_xw, stride_ox, stride_osf,
-                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr, IS_BF16: tl.constexpr):
+                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr, IS_BF16: tl.constexpr,
+                         HW: tl.constexpr):
     """One tile of ROWS tokens × BLOCK_H columns; every 16-column group is independent.
 
     ``x_ptr`` is the input viewed as int32 words (two 16-bit values each), so a
@@ -94,14 +104,14 @@ def _stage_static_kernel(x_ptr, scale_ptr, out_x_ptr, out_sf_ptr, T,
                          IS_BF16)
 
     # formats: g = 1 / input_scale; SF = e4m3(min((amax / 6) * g, 448))
-    g = div_rn(tl.full([ROWS, G], 1.0, tl.float32), tl.load(scale_ptr))
-    amax = _group_amax(lo, hi, ROWS, G)
-    sf_byte = e4m3_encode_bits(div_rn(amax, tl.full([ROWS, G], 6.0, tl.float32)) * g)
+    g = div_rn(tl.full([1, 1], 1.0, tl.float32), tl.load(scale_ptr))
+    amax = _group_amax(lo, hi, ROWS, G, HW)
+    sf_byte = e4m3_encode(div_rn(amax, tl.full([ROWS, G], 6.0, tl.float32)) * g, HW)
     # codes = E2M1(x * (g / fp32(SF))); SF 0 → multiplier 0
-    sf = e4m3_decode(sf_byte)
+    sf = e4m3_to_f32(sf_byte, HW)
     nz = sf != 0.0
     mult = tl.where(nz, div_rn(g, tl.where(nz, sf, 1.0)), 0.0)
-    packed = _packed_codes(lo, hi, mult, ROWS, G, False)
+    packed = _packed_codes(lo, hi, mult, mult, ROWS, G, 0)
 
     tl.store(out_x_ptr + rows64 * stride_ox + wcols, tl.reshape(packed, [ROWS, W]).to(tl.uint8),
              mask=rmask)
@@ -114,7 +124,7 @@ def _stage_static_kernel(x_ptr, scale_ptr, out_x_ptr, out_sf_ptr, T,
 def _stage_per_token_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
                             stride_xw, stride_ox, stride_osf,
                             H: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
-                            IS_BF16: tl.constexpr):
+                            IS_BF16: tl.constexpr, HW: tl.constexpr):
     """ROWS whole tokens: pass 1 finds the row amax, pass 2 quantizes (re-reads hit L2)."""
     G: tl.constexpr = BLOCK_H // 16
     W: tl.constexpr = BLOCK_H // 2
@@ -124,26 +134,35 @@ def _stage_per_token_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
     rows64 = rows.to(tl.int64)[:, None]
     offs = tl.arange(0, W)[None, :]
 
-    row_amax = tl.zeros([ROWS], tl.int32)  # int32 bits of |x|: NaN wins, like torch.amax
+    row_amax = tl.zeros([ROWS], tl.float32)  # NaN propagates, like torch.amax
     for w0 in range(0, H // 2, W):
         lo, hi = pair_to_f32(tl.load(x_ptr + rows64 * stride_xw + (w0 + offs), mask=rmask,
                                      other=0), IS_BF16)
-        a = tl.maximum(abs_bits(lo), abs_bits(hi))
-        row_amax = tl.maximum(row_amax, tl.max(a, axis=1))
-    # formats: pts = max(row_amax, 1e-4) / 2688; 0x38D1B717 = fp32(1e-4)
-    pts = div_rn(bits_f32(tl.maximum(row_amax, 0x38D1B717)), tl.full([ROWS], 2688.0, tl.float32))
+        a = nan_max_reduce(abs_max(lo, hi), 1, HW)
+        row_amax = tl.maximum(row_amax, a, propagate_nan=tl.PropagateNan.ALL)
+    # formats: pts = max(row_amax, 1e-4) / 2688 (clamp keeps NaN, like torch.clamp)
+    clamped = tl.maximum(row_amax, 1e-4, propagate_nan=tl.PropagateNan.ALL)
+    pts = div_rn(clamped, tl.full([ROWS], 2688.0, tl.float32))
     tl.store(out_pts_ptr + rows, pts, mask=rmask1)
     six_pts = (6.0 * pts)[:, None]
     pts2 = pts[:, None]
+    # Quotients x / (SF * pts) of a nonzero bf16 can round to zero only when SF * pts >= 2**16,
+    # i.e. pts > 146; below that the reciprocal form is exact (see div_by_reciprocal).
+    fast = tl.max(pts, axis=0) <= 128.0
 
     for w0 in range(0, H // 2, W):
         lo, hi = pair_to_f32(tl.load(x_ptr + rows64 * stride_xw + (w0 + offs), mask=rmask,
                                      other=0), IS_BF16)
         # formats: SF = e4m3(block_amax / (6 * pts)); codes = E2M1(x / (fp32(SF) * pts))
-        sf_byte = e4m3_encode_bits(div_rn(_group_amax(lo, hi, ROWS, G), six_pts))
-        denom = e4m3_decode(sf_byte) * pts2
+        sf_byte = e4m3_encode(div_rn(_group_amax(lo, hi, ROWS, G, HW), six_pts), HW)
+        denom = e4m3_to_f32(sf_byte, HW) * pts2
         zero = denom == 0.0
-        packed = _packed_codes(lo, hi, tl.where(zero, 1.0, denom), ROWS, G, True)
+        safe = tl.where(zero, 1.0, denom)
+        if fast:
+            rcp = div_rn(tl.full([ROWS, G], 1.0, tl.float32), safe)
+            packed = _packed_codes(lo, hi, safe, rcp, ROWS, G, 2)
+        else:
+            packed = _packed_codes(lo, hi, safe, safe, ROWS, G, 1)
         packed = tl.where(zero[:, :, None], 0, packed)  # SF 0 → codes 0
 
         tl.store(out_x_ptr + rows64 * stride_ox + (w0 + offs),
@@ -219,7 +238,8 @@ def _launch_static(s: _Staged, scale: torch.Tensor, cfg: TileConfig) -> None:
     _stage_static_kernel[grid](
         s.x, scale, s.out_x, s.out_x_sf, s.tokens,
         s.x.stride(0), s.out_x.stride(0), s.out_x_sf.stride(0),
-        ROWS=cfg.rows, BLOCK_H=cfg.block, IS_BF16=s.is_bf16, num_warps=cfg.num_warps)
+        ROWS=cfg.rows, BLOCK_H=cfg.block, IS_BF16=s.is_bf16, HW=s.x.is_cuda,
+        num_warps=cfg.num_warps)
 
 
 def _launch_per_token(s: _Staged, out_x_scales: torch.Tensor, cfg: TileConfig) -> None:
@@ -227,7 +247,7 @@ def _launch_per_token(s: _Staged, out_x_scales: torch.Tensor, cfg: TileConfig) -
     _stage_per_token_kernel[grid](
         s.x, s.out_x, s.out_x_sf, out_x_scales, s.tokens,
         s.x.stride(0), s.out_x.stride(0), s.out_x_sf.stride(0),
-        H=s.hidden, ROWS=cfg.rows, BLOCK_H=cfg.block, IS_BF16=s.is_bf16,
+        H=s.hidden, ROWS=cfg.rows, BLOCK_H=cfg.block, IS_BF16=s.is_bf16, HW=s.x.is_cuda,
         num_warps=cfg.num_warps)
 
 
