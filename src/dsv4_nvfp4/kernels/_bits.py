@@ -94,16 +94,6 @@ def nan_max_reduce(x, axis: tl.constexpr, HW: tl.constexpr):
 
 
 @triton.jit
-def abs_bits(x):
-    """|x| as int32 bits. Their integer max is the float max, with NaN above +inf.
-
-    torch's ``amax`` propagates NaN; an integer max over these bits does too,
-    where Triton's float max may not.
-    """
-    return f32_bits(x) & 0x7FFFFFFF
-
-
-@triton.jit
 def _rne_shift(sig, s):
     """``sig >> s`` rounded to nearest, ties to even; ``1 <= s <= 25``, ``sig < 2**25``."""
     q = sig >> s
