@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from dsv4_nvfp4.checkpoint import names, schema
-from dsv4_nvfp4.checkpoint.config import dims_from_config, to_deepseek_config, to_transformers_config
+from dsv4_nvfp4.checkpoint.config import (
+    dims_from_config,
+    to_deepseek_config,
+    to_transformers_config,
+)
 from dsv4_nvfp4.checkpoint.errors import CheckpointError
 from dsv4_nvfp4.checkpoint.layouts import Layout, expected_tensors
 from dsv4_nvfp4.checkpoint.reader import TORCH_TO_ST

@@ -46,7 +46,8 @@ def finite(t: torch.Tensor) -> list[Problem]:
     if t.dtype == torch.float8_e4m3fn:
         b = t.view(torch.uint8)
         n = int(((b & 0x7F) == 0x7F).sum())
-        return [("value.nan", "no NaN codes (0x7F/0xFF) in FP8 e4m3", f"{n} NaN codes")] if n else []
+        return [("value.nan", "no NaN codes (0x7F/0xFF) in FP8 e4m3",
+                 f"{n} NaN codes")] if n else []
     if not t.is_floating_point() or t.dtype == getattr(torch, "float8_e8m0fnu", None):
         return []
     if bool(torch.isfinite(t).all()):
@@ -108,7 +109,9 @@ def nvfp4_values(packed: torch.Tensor, ws: torch.Tensor, ws2: torch.Tensor,
         if not (v > 0 and v < float("inf")):
             out.append((f"scale.{label}", f"{label} a finite value > 0", f"{v!r}"))
             usable = False
-    if usable and packed.shape[0] == ws.shape[0] and packed.shape[1] * 2 == ws.shape[1] * NVFP4_GROUP:
+    shapes_agree = packed.shape[0] == ws.shape[0] and \
+        packed.shape[1] * 2 == ws.shape[1] * NVFP4_GROUP
+    if usable and shapes_agree:
         wsf = ws.view(torch.float8_e4m3fn).float()
         smax = float(wsf.max()) * E2M1_MAX
         amax = float((_block_amax_codes(packed, NVFP4_GROUP) * wsf).max())

@@ -32,7 +32,9 @@ import hashlib
 import json
 import shutil
 import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +48,14 @@ from .errors import CheckpointError, fail
 from .layouts import Layout, LayoutContext, storage_for, stored_name
 from .names import is_mtp, vllm_module
 from .quant_config import a_quantization_config, b_hf_quant_config, b_quantization_config
-from .reader import INDEX_NAME, Checkpoint, TensorInfo, TensorReader, open_checkpoint
+from .reader import (
+    INDEX_NAME,
+    Checkpoint,
+    TensorInfo,
+    TensorReader,
+    expected_nbytes,
+    open_checkpoint,
+)
 from .schema import Module, Role, Storage, expand, expert_parts, modules
 from .transforms import DenseMode, b_context, convert_parts, mxfp4_experts_to_nvfp4
 from .verify import structure
@@ -363,7 +372,10 @@ def _assign_shards(p: Plan) -> None:
     by: dict[int, list[Unit]] = {}
     for u in p.units:
         by.setdefault(u.shard, []).append(u)
-    groups = [sorted(by[k], key=lambda u: (u.inputs[0].file.name, u.inputs[0].begin))
+    # Copies first, conversions last: the helper thread converts while the copies stream,
+    # so the dense requantization overlaps the I/O instead of stalling it.
+    groups = [sorted(by[k], key=lambda u: (u.kind != "copy", u.inputs[0].file.name,
+                                           u.inputs[0].begin))
               for k in sorted(by)]
     n = len(groups)
     p.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -428,29 +440,76 @@ def _err_dict(e: ConversionError) -> dict:
     return {"max_abs": e.max_abs, "max_rel": e.max_rel, "rel_l2": e.rel_l2}
 
 
-def _run_shard(p: Plan, i: int, dst: Path, reader: TensorReader, bar, fsync: bool) -> dict:
+# Conversions are computed ahead of the writer by a helper thread (torch releases the GIL),
+# holding at most this many bytes of finished outputs.
+LOOKAHEAD_BYTES = 1 << 30
+
+
+def _out_bytes(u: Unit) -> int:
+    return sum(expected_nbytes(dt, shape) for _, dt, shape in u.outputs)
+
+
+def _compute(u: Unit, local: threading.local) -> tuple[Outputs, Errors, int]:
+    if not hasattr(local, "reader"):
+        local.reader = TensorReader()
+    return u.fn({t.name: local.reader.read(t) for t in u.inputs})
+
+
+def _run_shard(p: Plan, i: int, dst: Path, reader: TensorReader, bar, fsync: bool,
+               pool: ThreadPoolExecutor, local: threading.local) -> tuple[ShardWriter, dict]:
+    """Write shard ``i`` under its temporary name; the caller commits it."""
     units = p.shards[i]
     entries = [o for u in units for o in u.outputs]
     w = ShardWriter(dst / p.files[i], entries, {"format": "pt"}, fsync=fsync)
     errors: dict[str, dict] = {}
     lossy = 0
+    ahead = [k for k, u in enumerate(units) if u.kind != "copy"]
+    futures: dict[int, Future] = {}
+    held = 0  # output bytes of conversions submitted and not yet written
+    # Copies read into two alternating arenas; an arena is reused only once the hashes of
+    # the tensors written from it are done, so hashing overlaps the next read.
+    hashed: dict[int, list[Future]] = {0: [], 1: []}
+    slot = 0
     try:
-        for u in units:
-            x = {t.name: reader.read(t) for t in u.inputs}
-            out, errs, lz = u.fn(x)
+        for k, u in enumerate(units):
+            while ahead and (not futures or held + _out_bytes(units[ahead[0]]) <=
+                             LOOKAHEAD_BYTES):
+                j = ahead.pop(0)
+                held += _out_bytes(units[j])
+                futures[j] = pool.submit(_compute, units[j], local)
+            if u.kind == "copy":
+                slot ^= 1
+                for f in hashed[slot]:
+                    f.result()
+                hashed[slot] = []
+                out, errs, lz = u.fn(reader.read_many(u.inputs, slot))
+            else:
+                out, errs, lz = futures.pop(k).result()
+                held -= _out_bytes(u)
             for name, _, _ in u.outputs:
-                w.write(name, out[name])
+                f = w.write(name, out[name])
+                if u.kind == "copy":
+                    hashed[slot].append(f)
             errors.update({n: _err_dict(e) for n, e in errs})
             lossy += lz
-            del x, out
+            del out
             if bar is not None:
                 bar.update(u.in_bytes)
+        sha = w.finish()
     except BaseException:
+        for f in futures.values():
+            f.cancel()
         w.abort()
         raise
-    sha = w.close()
-    size = (dst / p.files[i]).stat().st_size
-    return {"file": p.files[i], "size": size, "sha256": sha, "errors": errors, "lossy": lossy}
+    size = w.tmp.stat().st_size
+    return w, {"file": p.files[i], "size": size, "sha256": sha, "errors": errors,
+               "lossy": lossy}
+
+
+def _commit(w: ShardWriter, state: Path, i: int, rec: dict) -> None:
+    """fsync + rename the shard, then record it as done (in the background)."""
+    w.commit()
+    write_text_atomic(state / f"done-{i:05d}.json", json.dumps(rec) + "\n")
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -487,13 +546,20 @@ def execute(p: Plan, dst: Path, progress: bool = False, fsync: bool = True) -> s
         done_bytes = sum(u.in_bytes for i in records for u in p.shards[i])
         bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, desc="convert",
                    file=sys.stderr)
-    with TensorReader() as r:
-        for i in range(len(p.files)):
-            if i in records:
-                continue
-            rec = _run_shard(p, i, dst, r, bar, fsync)
-            write_text_atomic(state / f"done-{i:05d}.json", json.dumps(rec) + "\n")
-            records[i] = rec
+    local = threading.local()
+    commits: list[Future] = []
+    with TensorReader() as r, ThreadPoolExecutor(1, thread_name_prefix="convert") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
+        try:
+            for i in range(len(p.files)):
+                if i in records:
+                    continue
+                w, rec = _run_shard(p, i, dst, r, bar, fsync, pool, local)
+                commits.append(committer.submit(_commit, w, state, i, rec))
+                records[i] = rec
+        finally:
+            for c in commits:
+                c.result()
     if bar is not None:
         bar.close()
     _finish(p, dst, records)
@@ -535,7 +601,7 @@ def describe(p: Plan) -> str:
         k = kinds.setdefault(u.kind, [0, 0])
         k[0] += 1
         k[1] += u.in_bytes
-    out_bytes = sum(torch.Size(s).numel() * _itemsize(dt) for u in p.units for _, dt, s in u.outputs)
+    out_bytes = sum(_out_bytes(u) for u in p.units)
     lines = [f"convert {p.src.root} ({p.src_layout.title}) -> {p.target.value}"
              + (f", dense {p.dense.value}" if p.target is Target.NVFP4 else ""),
              f"  read {sum(u.in_bytes for u in p.units) / 1e9:.3f} GB, write "
@@ -544,12 +610,6 @@ def describe(p: Plan) -> str:
         lines.append(f"  {k:28s} {n:8d} modules {b / 1e9:10.3f} GB")
     lines += [f"  {w}" for w in p.warnings]
     return "\n".join(lines)
-
-
-def _itemsize(dt: str) -> float:
-    from .reader import DTYPES
-
-    return DTYPES[dt][1] / 8
 
 
 # --- CLI -----------------------------------------------------------------------------------

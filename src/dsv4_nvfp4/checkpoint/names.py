@@ -4,7 +4,8 @@ One table, read in both directions, so the converter and the vLLM plugin's
 load-time path cannot disagree on a rename. Each row maps a DeepSeek *prefix*
 (a module, or a leaf tensor) to its transformers name; a tensor matches a row
 when its name is the prefix itself or the prefix followed by ``.`` and a
-suffix (``weight``, ``weight_scale``, ...), which is carried over unchanged. The first matching row wins.
+suffix (``weight``, ``weight_scale``, ...), which is carried over unchanged.
+The first matching row wins.
 
 Sources for the rows: transformers 5.19 ``conversion_mapping.py`` entry
 ``deepseek_v4`` (the renames ``save_pretrained`` reverts; ModelOpt's export

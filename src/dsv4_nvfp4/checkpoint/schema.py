@@ -146,7 +146,8 @@ def modules(d: Dims, mtp: bool = True) -> list[Module]:
     if mtp:
         for k, ratio in enumerate(d.mtp_ratios):
             p, h = f"mtp.{k}.", d.hidden
-            out += [Module(f"{p}e_proj", Role.DENSE, (h, h)), Module(f"{p}h_proj", Role.DENSE, (h, h)),
+            out += [Module(f"{p}e_proj", Role.DENSE, (h, h)),
+                    Module(f"{p}h_proj", Role.DENSE, (h, h)),
                     Module(f"{p}enorm", Role.NORM, (h,)), Module(f"{p}hnorm", Role.NORM, (h,)),
                     Module(f"{p}norm", Role.NORM, (h,))]
             _hc_head(p, d, out)
@@ -166,8 +167,8 @@ def expand(storage: Storage, m: Module, name: str | None = None) -> list[TensorS
     n, k = m.shape
     if storage is Storage.FP8_BLOCK:
         return [TensorSpec(f"{base}.weight", ("F8_E4M3",), (n, k), "weight"),
-                TensorSpec(f"{base}.scale", ("F8_E8M0",), (_cdiv(n, FP8_BLOCK), _cdiv(k, FP8_BLOCK)),
-                           "scale")]
+                TensorSpec(f"{base}.scale", ("F8_E8M0",),
+                           (_cdiv(n, FP8_BLOCK), _cdiv(k, FP8_BLOCK)), "scale")]
     if storage is Storage.MXFP4:
         return [TensorSpec(f"{base}.weight", ("I8",), (n, k // 2), "weight"),
                 TensorSpec(f"{base}.scale", ("F8_E8M0",), (n, k // MXFP4_GROUP), "scale")]
@@ -186,7 +187,8 @@ def storage_suffixes(storage: Storage) -> tuple[str, ...]:
             Storage.BF16: ("weight",), Storage.PLAIN: ("weight",)}[storage]
 
 
-_EXPERT_RE = re.compile(r"^(?P<block>(?:layers|mtp)\.\d+)\.ffn\.experts\.(?P<e>\d+)\.w(?P<w>[123])$")
+_EXPERT_RE = re.compile(
+    r"^(?P<block>(?:layers|mtp)\.\d+)\.ffn\.experts\.(?P<e>\d+)\.w(?P<w>[123])$")
 
 
 def expert_parts(name: str) -> tuple[str, int, int] | None:

@@ -168,8 +168,9 @@ def _mtp_status(ck: Checkpoint, layout: Layout, n_mtp: int) -> tuple[bool, list[
                                    f"num_nextn_predict_layers = {n_mtp} and no mtp.* tensors",
                                    "note")]
     if not have:
-        return False, [Finding("mtp.missing", _where(ck), "mtp.*", f"the MTP layer{'s' * (n_mtp > 1)}"
-                               f" (config.json num_nextn_predict_layers = {n_mtp})",
+        layers = "layers" if n_mtp > 1 else "layer"
+        return False, [Finding("mtp.missing", _where(ck), "mtp.*", f"the MTP {layers} "
+                               f"(config.json num_nextn_predict_layers = {n_mtp})",
                                "no mtp.* tensors")], []
     return True, [], []
 
@@ -435,7 +436,8 @@ def verify(path: str | Path, against_path: str | Path | None = None, check_value
 def format_report(rep: Report) -> str:
     lines = [f"layout: {rep.layout.title}",
              f"checked: {rep.n_tensors} tensors in {rep.n_shards} shard(s), "
-             f"{rep.total_bytes / 1e6:.1f} MB; values {'checked' if rep.values_checked else 'skipped'}"]
+             f"{rep.total_bytes / 1e6:.1f} MB; values "
+             f"{'checked' if rep.values_checked else 'skipped'}"]
     for title, items in (("findings", rep.findings), ("notes", rep.notes)):
         if not items:
             continue

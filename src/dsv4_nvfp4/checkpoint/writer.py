@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,11 +40,17 @@ def header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
 
 
 class ShardWriter:
-    """Streams the tensors of one planned shard, in plan order, into ``path``.
+    """Streams the tensors of one planned shard, in plan order, into ``.<name>.partial``.
 
     ``write`` checks each tensor against the plan (name, dtype, shape); a
-    mismatch is our bug and raises. ``close`` fsyncs, renames and returns the
-    file's sha256, computed on the fly.
+    mismatch is our bug and raises. The sha256 is computed on the fly in a
+    helper thread (hashlib releases the GIL, and at ~1 GB/s it is the slowest
+    step of a copy): ``write`` returns that tensor's hash future, and a buffer
+    passed to ``write`` must not be reused before its future is done.
+
+    ``finish`` flushes and returns the sha256; ``commit`` then fsyncs and
+    renames to the final name — separate so that a caller can overlap the
+    fsync of one shard with writing the next. ``close`` does both.
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
@@ -54,14 +61,22 @@ class ShardWriter:
         self.fsync = fsync
         self._next = 0
         self._sha = hashlib.sha256()
-        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._last: Future | None = None
+        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish()/abort()
         self._emit(header_bytes(entries, metadata or {}))
 
-    def _emit(self, data: bytes | memoryview) -> None:
+    def _emit(self, data: bytes | memoryview) -> Future:
         self._f.write(data)
-        self._sha.update(data)
+        self._last = self._hasher.submit(self._sha.update, data)
+        return self._last
 
-    def write(self, name: str, t: torch.Tensor) -> None:
+    def drain(self) -> None:
+        """Wait until every byte written so far is hashed."""
+        if self._last is not None:
+            self._last.result()
+
+    def write(self, name: str, t: torch.Tensor) -> Future:
         if self._next >= len(self.entries):
             raise RuntimeError(f"{self.path.name}: {name} is beyond the planned tensors")
         want_name, want_dtype, want_shape = self.entries[self._next]
@@ -70,23 +85,34 @@ class ShardWriter:
             raise RuntimeError(f"{self.path.name}: planned {want_name} {want_dtype} "
                                f"{list(want_shape)}, got {name} {got_dtype} {list(t.shape)}")
         data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._emit(memoryview(data))
         self._next += 1
+        return self._emit(memoryview(data))
 
-    def close(self) -> str:
-        """Finish the shard: every planned tensor written, fsync, rename. Returns sha256."""
+    def finish(self) -> str:
+        """Every planned tensor written: flush and return the sha256 (still the temp name)."""
         if self._next != len(self.entries):
             self.abort()
             raise RuntimeError(f"{self.path.name}: wrote {self._next} of "
                                f"{len(self.entries)} planned tensors")
         self._f.flush()
+        self.drain()
+        self._hasher.shutdown()
+        return self._sha.hexdigest()
+
+    def commit(self) -> None:
+        """fsync (unless disabled) and rename to the final name."""
         if self.fsync:
             os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp, self.path)
-        return self._sha.hexdigest()
+
+    def close(self) -> str:
+        sha = self.finish()
+        self.commit()
+        return sha
 
     def abort(self) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
         if not self._f.closed:
             self._f.close()
         self.tmp.unlink(missing_ok=True)
