@@ -101,3 +101,11 @@ def test_e4m3_bytes_decoded_as_ue8m0_are_detectably_wrong():
     # the same bug through float bits (b << 23, FlashInfer's UE8M0 path)
     bits = (e4m3.view(torch.uint8).to(torch.int32) << 23).view(torch.float32)
     assert not torch.allclose(bits, right)
+
+
+def test_nan_scale_is_always_byte_0x7f():
+    """The sign of a NaN differs between CPU and CUDA arithmetic; the scale byte must not."""
+    x = torch.tensor([float("nan"), float("nan"), 1.0])
+    x[1] = -x[1]
+    assert [bool(v) for v in torch.signbit(x[:2])] == [False, True]
+    assert encode_ue4m3(x).view(torch.uint8).tolist() == [0x7F, 0x7F, 0x38]

@@ -59,8 +59,25 @@ def _blocks(x: torch.Tensor, group: int, name: str) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
 
 
+def true_div(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor`` as an IEEE fp32 division on every device.
+
+    torch turns ``cuda_tensor / python_float`` into a multiply by the fp32
+    reciprocal, while the CPU divides, so the same reference gave different
+    bits at exact E4M3 ties on the two devices. Dividing by a 0-d tensor on
+    ``x``'s device is a true division everywhere (and is what the Triton
+    kernels compute).
+    """
+    return x / torch.full((), divisor, dtype=torch.float32, device=x.device)
+
+
 def nvfp4_global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
-    """ModelOpt's ``weight_scale_2`` (and ``input_scale``): ``amax / 2688`` in fp32."""
+    """ModelOpt's ``weight_scale_2`` (and ``input_scale``): ``amax / 2688`` in fp32.
+
+    Same torch expression as ModelOpt's ``get_weights_scaling_factor_2``, so the
+    result equals ModelOpt's on the same device (on CUDA both multiply by the
+    fp32 reciprocal of 2688; on CPU both divide).
+    """
     return torch.as_tensor(amax).float() / NVFP4_GLOBAL_DIVISOR
 
 
@@ -118,7 +135,7 @@ def quantize_nvfp4_activation_static(x: torch.Tensor, input_scale: torch.Tensor 
            s.item())
     g = 1.0 / s
     amax = blocks.abs().amax(dim=-1)
-    sf = encode_ue4m3((amax / E2M1_MAX) * g)
+    sf = encode_ue4m3(true_div(amax, E2M1_MAX) * g)
     sf_f = sf.float()
     mult = torch.where(sf_f == 0, torch.zeros_like(sf_f), g / sf_f)
     codes = e2m1_encode((blocks * mult.unsqueeze(-1)).reshape(x.shape))
@@ -143,7 +160,7 @@ def quantize_nvfp4_activation_per_token(x: torch.Tensor
     blocks = _blocks(x, NVFP4_GROUP, "x").float()
     block_amax = blocks.abs().amax(dim=-1)
     row_amax = block_amax.amax(dim=-1) if x.shape[-1] else torch.zeros(x.shape[0])
-    pts = row_amax.clamp(min=PER_TOKEN_AMAX_FLOOR) / NVFP4_GLOBAL_DIVISOR
+    pts = true_div(row_amax.clamp(min=PER_TOKEN_AMAX_FLOOR), NVFP4_GLOBAL_DIVISOR)
     sf = encode_ue4m3(block_amax / (E2M1_MAX * pts.unsqueeze(-1)))
     denom = sf.float() * pts.unsqueeze(-1)
     safe = torch.where(denom == 0, torch.ones_like(denom), denom)

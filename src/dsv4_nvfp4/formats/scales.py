@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .constants import E4M3_MAX, UE8M0_BIAS, UE8M0_NAN
+from .constants import E4M3_MAX, E4M3_NAN_BYTES, UE8M0_BIAS, UE8M0_NAN
 from .errors import FormatError, expect
 
 _E8M0 = getattr(torch, "float8_e8m0fnu", None)
@@ -27,7 +27,8 @@ def encode_ue4m3(x: torch.Tensor, *, zero_value: float | None = None) -> torch.T
     ``zero_value``: what an exact zero becomes. ``None`` keeps 0 (byte 0x00: the
     activation kernels' convention, a zero block dequantizes to zeros); ModelOpt
     weights use ``1.0`` (byte 0x38). Values above 448 saturate to 448 (0x7E).
-    NaN stays NaN (0x7F) so that a caller's bug is visible downstream.
+    NaN stays NaN, always as byte 0x7F (the sign of a NaN differs between CPU
+    and CUDA arithmetic, e.g. ``inf/inf``), so a caller's bug stays visible.
     """
     expect(x.is_floating_point(), "scale", "a floating-point tensor", x.dtype)
     xf = x.float()
@@ -35,7 +36,12 @@ def encode_ue4m3(x: torch.Tensor, *, zero_value: float | None = None) -> torch.T
         raise FormatError(f"scale: expected non-negative values, found min {xf.min().item()}")
     if zero_value is not None:
         xf = torch.where(xf == 0, torch.full_like(xf, zero_value), xf)
-    return xf.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    out = xf.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    nan = torch.isnan(xf)
+    if bool(nan.any()):
+        out = torch.where(nan, torch.full_like(out.view(torch.uint8), E4M3_NAN_BYTES[0]),
+                          out.view(torch.uint8)).view(torch.float8_e4m3fn)
+    return out
 
 
 def as_e4m3(t: torch.Tensor, name: str = "scale") -> torch.Tensor:
