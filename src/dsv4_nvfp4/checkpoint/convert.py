@@ -425,6 +425,7 @@ def _prepare_dst(p: Plan, dst: Path) -> str:
     if dst.exists() and any(dst.iterdir()):
         man = _load_json(dst / MANIFEST)
         if man and man.get("fingerprint") == p.fingerprint:
+            shutil.rmtree(state, ignore_errors=True)  # killed after the manifest, before cleanup
             return "done"
         st = _load_json(state / "plan.json")
         if st and st.get("fingerprint") == p.fingerprint:

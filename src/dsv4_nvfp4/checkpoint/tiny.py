@@ -300,11 +300,18 @@ def write_tiny(out_dir: str | Path, layout: Layout, mtp: bool = False,
 # --- CLI -----------------------------------------------------------------------------------
 
 
+def _layout_arg(text: str) -> Layout:
+    try:
+        return Layout.parse(text)
+    except CheckpointError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("tiny", help="write a small random checkpoint of a layout",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="output directory (new or empty)")
-    p.add_argument("--layout", required=True, type=Layout.parse,
+    p.add_argument("--layout", required=True, type=_layout_arg,
                    help="A (native), B (nvidia-nvfp4), C (modelopt-full) or bf16")
     p.add_argument("--mtp", action="store_true", help="include one MTP layer (mtp.0.*)")
     p.add_argument("--cpu-servable", action="store_true",
