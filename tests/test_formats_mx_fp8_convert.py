@@ -140,3 +140,19 @@ def test_on_grid_codes_pack_to_the_same_bytes_after_the_cast():
     packed = pack_e2m1(codes).reshape(1, 16)
     nv, _ = mxfp4_to_nvfp4_lossless(packed, torch.tensor([[127]], dtype=torch.uint8))
     assert torch.equal(unpack_e2m1(nv.packed).flatten(), codes)
+
+
+def test_pair_table_dequant_equals_nibble_decode():
+    from dsv4_nvfp4.formats import dequant_e2m1_packed
+
+    b = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
+    assert torch.equal(dequant_e2m1_packed(b), e2m1_decode(unpack_e2m1(b)))
+    assert torch.equal(dequant_e2m1_packed(b.view(torch.int8)), e2m1_decode(unpack_e2m1(b)))
+
+
+def test_tile_view_equals_an_expanded_scale():
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(13))
+    q, s = quantize_fp8_block(w, scale_format=ScaleFormat.FP32)
+    full = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :200]
+    assert torch.equal(q, (w / full).clamp(-448, 448).to(torch.float8_e4m3fn))
+    assert torch.equal(dequantize_fp8_block(q, s), q.float() * full)

