@@ -54,7 +54,9 @@ def one_thread() -> object:
 @pytest.fixture(scope="module")
 def tinies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {lay.name: write_tiny(root / lay.name, lay, mtp=True) for lay in Layout}
+    out = {lay.name: write_tiny(root / lay.name, lay, mtp=True) for lay in Layout}
+    out["C-experts"] = write_tiny(root / "C-experts", Layout.C, recipe="experts")
+    return out
 
 
 def _convert(src: Path, dst: Path, target: Target, **kw) -> Path:
@@ -73,6 +75,9 @@ def outs(tinies: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> d
         "A16": _convert(t["A"], root / "A16", Target.BF16),
         "B16": _convert(t["B"], root / "B16", Target.BF16),
         "C16": _convert(t["C"], root / "C16", Target.BF16, mtp_from=t["A"]),
+        "CeB": _convert(t["C-experts"], root / "CeB", Target.NVFP4, mtp_from=t["A"]),
+        "CeB-bf16": _convert(t["C-experts"], root / "CeB-bf16", Target.NVFP4,
+                             dense=DenseMode.BF16),
     }
 
 
@@ -83,10 +88,11 @@ def _tensors(d: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("out", "layout"), [("CB", "B"), ("CB-bf16", "B"), ("AB", "B"),
-                                             ("A16", "BF16"), ("B16", "BF16"), ("C16", "BF16")])
+                                             ("A16", "BF16"), ("B16", "BF16"), ("C16", "BF16"),
+                                             ("CeB", "B"), ("CeB-bf16", "B")])
 def test_output_verifies_clean(outs: dict[str, Path], tinies: dict[str, Path], out: str,
                                layout: str) -> None:
-    against = tinies["A"] if out in ("CB", "AB") else None
+    against = tinies["A"] if out in ("CB", "AB", "CeB") else None
     rep = verify(outs[out], against_path=against)
     assert rep.layout.name == layout
     assert rep.findings == [], "\n".join(f.line() for f in rep.findings)
@@ -157,6 +163,74 @@ def test_c_to_b_dense_bf16_lists_ignored_layers(outs: dict[str, Path],
     assert cfg["num_nextn_predict_layers"] == 0 and not any(is_mtp(n) for n in b)
     rep = json.loads((outs["CB-bf16"] / "conversion_report.json").read_text())
     assert "num_nextn_predict_layers = 0" in rep["warnings"][0]
+
+
+# Every BF16 linear of the experts recipe's export, by kind (layers 1/2 have compressors).
+CE_DENSE = ("layers.0.attn.wq_a", "layers.1.attn.wq_b", "layers.2.attn.wkv", "layers.1.attn.wo_a",
+            "layers.0.attn.wo_b", "layers.1.attn.indexer.wq_b", "layers.2.ffn.shared_experts.w1",
+            "layers.0.ffn.shared_experts.w2")
+CE_BF16 = ("layers.1.attn.compressor.wkv", "layers.2.attn.compressor.wgate",
+           "layers.1.attn.indexer.compressor.wkv", "layers.1.attn.indexer.weights_proj")
+
+
+def test_c_experts_recipe_to_b_dense_equals_formats_fp8_of_the_bf16(
+        outs: dict[str, Path], tinies: dict[str, Path]) -> None:
+    """The experts recipe's BF16 dense linears: FP8 128x128 UE8M0 exactly as formats makes it
+    from the BF16 weight; compressor/indexer projections and experts byte-identical."""
+    c, b = _tensors(tinies["C-experts"]), _tensors(outs["CeB"])
+    for mod in CE_DENSE:
+        w = c[f"{_c(mod)}.weight"]
+        assert w.dtype == torch.bfloat16
+        q, s = quantize_fp8_block(w.float(), scale_format=ScaleFormat.UE8M0)
+        assert_bitwise_equal(b[f"{mod}.weight"], q, mod)
+        assert_bitwise_equal(b[f"{mod}.scale"], s.view(E8M0), mod)
+    for mod in CE_BF16:
+        assert_bitwise_equal(b[f"{mod}.weight"], c[f"{_c(mod)}.weight"], mod)
+    n_exp = 0
+    for name in b:
+        mod, _, part = name.rpartition(".")
+        ep = expert_parts(mod)
+        if ep and not is_mtp(mod):
+            assert_bitwise_equal(b[name], c[f"{_c(mod)}.{part}"], name)
+            n_exp += 1
+    assert n_exp == 3 * 8 * 3 * 4
+    rep = json.loads((outs["CeB"] / "conversion_report.json").read_text())
+    assert len(rep["tensors"]) == 25  # every dense linear of 3 layers, from BF16
+    e = rep["tensors"]["layers.1.attn.wq_b.weight"]
+    assert 0 < e["max_rel"] < 0.07 and 0 < e["rel_l2"] < 0.04
+    qc = json.loads((outs["CeB"] / "config.json").read_text())["quantization_config"]
+    assert "ignored_layers" not in qc and qc["moe_quant_algo"] == "NVFP4"
+
+
+def test_c_experts_recipe_to_b_dense_bf16_is_a_byte_copy(outs: dict[str, Path],
+                                                         tinies: dict[str, Path]) -> None:
+    c, b = _tensors(tinies["C-experts"]), _tensors(outs["CeB-bf16"])
+    for mod in CE_DENSE + CE_BF16:
+        assert_bitwise_equal(b[f"{mod}.weight"], c[f"{_c(mod)}.weight"], mod)
+    qc = json.loads((outs["CeB-bf16"] / "config.json").read_text())["quantization_config"]
+    assert {"model.layers.0.attn.fused_wqa_wkv", "model.layers.1.attn.wo_a",
+            "model.layers.1.attn.indexer.wq_b",
+            "model.layers.2.ffn.shared_experts.down_proj"} <= set(qc["ignored_layers"])
+    rep = json.loads((outs["CeB-bf16"] / "conversion_report.json").read_text())
+    assert rep["tensors"] == {}  # nothing requantized
+
+
+def test_c_bf16_linear_not_excluded_is_refused_whole(tinies: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "c"
+    shutil.copytree(tinies["C-experts"], src)
+    for name, key in (("config.json", "quantization_config"),
+                      ("hf_quant_config.json", "quantization")):
+        cfg = json.loads((src / name).read_text())
+        lst = "ignore" if key == "quantization_config" else "exclude_modules"
+        cfg[key][lst] = [p for p in cfg[key][lst] if p != "model.layers.2.self_attn*"]
+        (src / name).write_text(json.dumps(cfg))
+    rc, _, err = _cli([str(src), str(tmp_path / "dst"), "--to", "nvidia-nvfp4"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "model.layers.2.self_attn." in err
+    assert "model.layers.2.self_attn.q_a_proj: expected NVFP4 (E2M1 + E4M3 per 16 + fp32 " \
+        "global); BF16 only where quantization_config.ignore / exclude_modules matches the " \
+        "module, found BF16 [module.storage] (and 5 more" in err
+    assert not (tmp_path / "dst").exists()
 
 
 def test_a_to_b_lossless_cast(outs: dict[str, Path], tinies: dict[str, Path]) -> None:
@@ -249,6 +323,14 @@ def test_c_to_b_module_is_a_pure_rename_and_convert() -> None:
     sink = torch.zeros(4)
     out, _ = c_to_b_module("model.layers.7.self_attn.sinks", {"": sink})
     assert out == {"layers.7.attn.attn_sink": sink}
+    # an excluded (experts recipe) dense linear arrives as a bare BF16 weight
+    w = torch.randn(256, 128, generator=g).to(torch.bfloat16)
+    out, err = c_to_b_module("model.layers.7.mlp.shared_experts.up_proj", {"weight": w})
+    q, s = quantize_fp8_block(w.float(), scale_format=ScaleFormat.UE8M0)
+    assert_bitwise_equal(out["layers.7.ffn.shared_experts.w3.weight"], q, "w3")
+    assert_bitwise_equal(out["layers.7.ffn.shared_experts.w3.scale"], s.view(E8M0), "w3")
+    out, err = c_to_b_module("model.layers.7.self_attn.compressor.kv_proj", {"weight": w})
+    assert out["layers.7.attn.compressor.wkv.weight"] is w and err is None
 
 
 # --- bad input: one line, exit 2, nothing written -----------------------------------------

@@ -76,3 +76,23 @@ def test_tiny_cli_refuses_a_non_empty_out_and_cpu_servable_bf16_is_the_tiny_mode
     assert exc.value.code == 2
     assert "layout: expected one of A, B, C, bf16, found 'Q'" in capsys.readouterr().err
     assert not (tmp_path / "u").exists()
+
+
+def test_tiny_experts_recipe_c_and_what_inspect_says(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ce"
+    assert tiny_mod.main([str(out), "--layout", "C", "--recipe", "experts"]) == 0
+    assert "(experts recipe)" in capsys.readouterr().out
+    assert inspect_mod.main([str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    got = {(g["role"], g["storage"]): g["modules"] for g in r["groups"]}
+    assert got[("dense linear", "BF16")] == 25 and got[("bf16 linear", "BF16")] == 12
+    assert got[("routed expert", "NVFP4 (E2M1 + E4M3 per 16 + fp32 global)")] == 3 * 8 * 3
+    assert not any(g["role"] == "dense linear" and g["storage"] != "BF16" for g in r["groups"])
+    assert any("attention BF16 (excluded by the export" in s for s in r["vllm_0_32"])
+    assert not any("o_a_proj" in s for s in r["vllm_0_32"])  # matched by self_attn*
+    assert tiny_mod.main([str(tmp_path / "a"), "--layout", "A", "--recipe", "experts"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --recipe experts: expected --layout C (the recipe of a ModelOpt " \
+        "export), found --layout A\n"
+    assert not (tmp_path / "a").exists()

@@ -43,12 +43,13 @@ def tinies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["A-cpu"] = write_tiny(root / "A-cpu", Layout.A, mtp=False, cpu_servable=True)
     out["B-cpu"] = write_tiny(root / "B-cpu", Layout.B, mtp=True, cpu_servable=True)
     out["C-cpu"] = write_tiny(root / "C-cpu", Layout.C, cpu_servable=True)
+    out["C-experts"] = write_tiny(root / "C-experts", Layout.C, recipe="experts")
     out["BF16-cpu"] = write_tiny(root / "BF16-cpu", Layout.BF16, cpu_servable=True)
     return out
 
 
 @pytest.mark.parametrize("which", ["A", "B", "C", "BF16", "B-nomtp", "A-cpu", "B-cpu", "C-cpu",
-                                   "BF16-cpu"])
+                                   "BF16-cpu", "C-experts"])
 def test_every_valid_tiny_checkpoint_has_zero_findings(tinies: dict[str, Path], which: str
                                                        ) -> None:
     rep = verify(tinies[which])
@@ -61,6 +62,58 @@ def test_layout_c_gaps_are_notes_not_findings(tinies: dict[str, Path]) -> None:
     rep = verify(tinies["C"])
     assert {n.check for n in rep.notes} == {"mtp.missing", "c.o_a_proj"}
     assert all(n.severity == "note" for n in rep.notes)
+
+
+def test_layout_c_experts_recipe_bf16_linears_are_the_excluded_ones(tinies: dict[str, Path]
+                                                                    ) -> None:
+    """The experts recipe's export: every non-expert linear BF16, all matched by the exclusions
+    (o_a_proj included, so its note is gone); the routed experts NVFP4."""
+    ck = open_checkpoint(tinies["C-experts"])
+    bf16 = sorted(n for n, t in ck.tensors.items() if n.endswith(".weight") and t.dtype == "BF16"
+                  and n.startswith("model.layers.") and "norm" not in n)
+    assert "model.layers.1.self_attn.q_a_proj.weight" in bf16
+    assert "model.layers.2.mlp.shared_experts.down_proj.weight" in bf16
+    assert "model.layers.1.self_attn.compressor.indexer.scorer.weights_proj.weight" in bf16
+    assert not any(n.endswith(".weight_scale") and ".mlp.experts." not in n for n in ck.tensors)
+    assert "model.layers.0.mlp.experts.7.down_proj.weight_scale" in ck.tensors
+    rep = verify(tinies["C-experts"])
+    assert {n.check for n in rep.notes} == {"mtp.missing"}
+
+
+def _c_exclude(fn: Callable[[list[str]], list[str]]) -> Callable[[Path], None]:
+    """Edit layout C's exclusions in both files ModelOpt writes them to."""
+    def apply(d: Path) -> None:
+        _config_mutation(lambda c: c["quantization_config"].update(
+            ignore=fn(c["quantization_config"]["ignore"])))(d)
+        _config_mutation(lambda h: h["quantization"].update(
+            exclude_modules=fn(h["quantization"]["exclude_modules"])), "hf_quant_config.json")(d)
+    return apply
+
+
+def test_layout_c_bf16_linear_not_excluded_is_a_finding(tinies: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+    shutil.copytree(tinies["C-experts"], d)
+    _c_exclude(lambda ex: [p for p in ex if p != "model.layers.1.mlp.shared_experts*"])(d)
+    rep = verify(d)
+    got = sorted((f.check, f.tensor) for f in rep.findings)
+    assert got == [("module.storage", f"model.layers.1.mlp.shared_experts.{p}")
+                   for p in ("down_proj", "gate_proj", "up_proj")]
+    assert "BF16 only where quantization_config.ignore / exclude_modules matches" in \
+        rep.findings[0].expected and rep.findings[0].found == "BF16"
+
+
+def test_layout_c_nvfp4_linear_matched_by_exclusions_is_a_note(tinies: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    """The tensors decide: NVFP4 under an exclusion is read as NVFP4, and said."""
+    d = tmp_path / "ck"
+    shutil.copytree(tinies["C"], d)
+    _c_exclude(lambda ex: [*ex, "model.layers.0.self_attn*"])(d)
+    rep = verify(d)
+    assert rep.findings == [], "\n".join(f.line() for f in rep.findings)
+    notes = [n for n in rep.notes if n.check == "c.excluded_nvfp4"]
+    assert len(notes) == 1 and "model.layers.0.self_attn." in notes[0].tensor
+    assert "NVFP4 (4 such module(s))" in notes[0].found  # q_a, q_b, kv, o_b (no compressor)
 
 
 # --- the corruption catalogue ------------------------------------------------------------

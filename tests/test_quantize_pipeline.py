@@ -19,7 +19,8 @@ from safetensors import safe_open
 from test_quantize_support import block_expert, quantize_args, write_small_checkpoint
 
 from dsv4_nvfp4.checkpoint.layouts import Layout
-from dsv4_nvfp4.formats import dequantize_nvfp4
+from dsv4_nvfp4.checkpoint.verify import verify
+from dsv4_nvfp4.formats import ScaleFormat, dequantize_nvfp4, quantize_fp8_block
 from dsv4_nvfp4.quantize import main
 
 pytestmark = pytest.mark.cpu
@@ -182,11 +183,35 @@ def test_work_dir_of_other_inputs_is_refused(experts_export, capsys) -> None:
     assert "whose recipe differ; pass --restart" in _err_line(capsys)
 
 
-@pytest.mark.xfail(strict=True, reason="convert reads layout C as NVFP4 on every dense linear; "
-                   "an experts-only export keeps them BF16 (listed in exclude_modules)")
-def test_experts_recipe_converts_to_layout_b(experts_export) -> None:
-    _, _, argv = experts_export
-    assert main([a for a in argv if a != "--export-only"]) == 0
+def test_experts_recipe_converts_to_verified_layout_b(srcs, experts_export, capsys) -> None:
+    """The export keeps every non-expert linear BF16 (matched by exclude_modules); convert
+    requantizes the dense ones to FP8 128x128 straight from those BF16 weights."""
+    out, export, argv = experts_export
+    capsys.readouterr()
+    assert main([*(a for a in argv if a != "--export-only"), "--mtp-from", str(srcs["a"])]) == 0
+    err = capsys.readouterr().err
+    assert "is complete from an earlier run; skipping calibration" in err   # no recalibration
+    assert f"verify {out}: clean" in err
+    rep = verify(out, against_path=srcs["a"])
+    assert rep.layout is Layout.B and rep.findings == [], [f.line() for f in rep.findings]
+    exp, b, src, a = _tensors(export), _tensors(out), _tensors(srcs["bf16"]), _tensors(srcs["a"])
+    for ds in ("layers.0.attn.wq_a", "layers.1.attn.wq_b", "layers.2.attn.wo_a",
+               "layers.1.attn.indexer.wq_b", "layers.0.ffn.shared_experts.w2"):
+        q, sc = quantize_fp8_block(src[f"{ds}.weight"].float(), scale_format=ScaleFormat.UE8M0)
+        assert torch.equal(_bytes(b[f"{ds}.weight"]), _bytes(q)), ds
+        assert torch.equal(_bytes(b[f"{ds}.scale"]), _bytes(sc)), ds
+    for ds in ("layers.1.attn.compressor.wkv", "layers.1.attn.indexer.weights_proj",
+               "layers.2.ffn.gate", "embed", "head"):
+        assert torch.equal(_bytes(b[f"{ds}.weight"]), _bytes(src[f"{ds}.weight"])), ds
+    for part in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+        assert torch.equal(_bytes(b[f"layers.1.ffn.experts.6.w1.{part}"]),
+                           _bytes(exp[f"model.layers.1.mlp.experts.6.gate_proj.{part}"]))
+    mtp = sorted(k for k in a if k.startswith("mtp."))
+    assert mtp and all(torch.equal(_bytes(b[k]), _bytes(a[k])) for k in mtp)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1
+    assert cfg["quantization_config"]["moe_quant_algo"] == "NVFP4"
+    assert "ignored_layers" not in cfg["quantization_config"]
 
 
 # --- full recipe: o_a_proj, MTP pass-through, layout B ------------------------------------

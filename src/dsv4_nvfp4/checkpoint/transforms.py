@@ -182,7 +182,10 @@ def c_to_b_module(c_module: str, parts: dict[str, torch.Tensor],
     ``model.layers.3.self_attn.q_a_proj``; ``parts`` its tensors keyed by part.
     Routed experts come out byte-identical (renamed), dense linears FP8 or BF16
     per ``dense``, ``o_a_proj`` quantized from BF16, compressor / indexer
-    projections BF16, everything else renamed.
+    projections BF16, everything else renamed. A dense or compressor/indexer
+    module given as a bare BF16 ``weight`` (one the export excluded, e.g. the
+    ``experts`` recipe) converts from BF16; whether the export's config allowed
+    that is the caller's check (``verify`` / ``convert`` do it).
     """
     ds = c_to_deepseek(c_module)
     if ds is None:
@@ -192,6 +195,8 @@ def c_to_b_module(c_module: str, parts: dict[str, torch.Tensor],
         raise ValueError(f"{c_module} ({ds}): expected a known DeepSeek V4 module")
     m = Module(ds, role, ())
     src = storage_for(Layout.C, m)
+    if src is Storage.NVFP4 and role is not Role.EXPERT and set(parts) == {"weight"}:
+        src = Storage.BF16
     dst = storage_for(Layout.B, m, b_context(dense))
     out, err = convert_parts(src, dst, parts)
     if m.bare:

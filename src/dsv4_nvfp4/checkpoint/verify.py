@@ -45,6 +45,7 @@ from .layouts import (
     B_EXCLUDE_MODULES,
     Layout,
     LayoutContext,
+    c_exclude_patterns,
     detect,
     matches_any,
     storage_for,
@@ -156,6 +157,17 @@ def _module_findings(ck: Checkpoint, m: Module, base: str, st: Storage,
     return out, None
 
 
+def _c_storage_hint(f: Finding, m: Module) -> Finding:
+    """Say why layout C wants NVFP4 where it found BF16: the export's config did not exclude it."""
+    if f.check != "module.storage" or f.found != Storage.BF16.value or \
+            f.expected != Storage.NVFP4.value:
+        return f
+    why = ("routed experts must be NVFP4: layout B's come from calibration, not from BF16"
+           if m.role is Role.EXPERT else
+           "BF16 only where quantization_config.ignore / exclude_modules matches the module")
+    return Finding(f.check, f.file, f.tensor, f"{f.expected}; {why}", f.found, f.severity)
+
+
 def _mtp_status(ck: Checkpoint, layout: Layout, n_mtp: int) -> tuple[bool, list[Finding],
                                                                       list[Finding]]:
     """(expect mtp.* tensors, findings, notes)."""
@@ -182,7 +194,8 @@ def structure(ck: Checkpoint, layout: Layout) -> tuple[list[Finding], list[Findi
     findings = list(ck.problems)
     want_mtp, f_mtp, notes = _mtp_status(ck, layout, d.n_mtp)
     findings += f_mtp
-    ctx = LayoutContext.from_config(ck.config, ck.json_file("hf_quant_config.json"))
+    ctx = LayoutContext.from_config(ck.config, ck.json_file("hf_quant_config.json"),
+                                    ck.tensors)
     claimed: set[str] = set()
     states: list[ModuleState] = []
     for m in modules(d, mtp=want_mtp):
@@ -191,6 +204,8 @@ def structure(ck: Checkpoint, layout: Layout) -> tuple[list[Finding], list[Findi
             continue
         st = storage_for(layout, m, ctx)
         fs, state = _module_findings(ck, m, base, st, claimed)
+        if layout is Layout.C:
+            fs = [_c_storage_hint(f, m) for f in fs]
         findings += fs
         if state is not None:
             states.append(state)
@@ -306,14 +321,23 @@ def config_findings(ck: Checkpoint, layout: Layout, states: list[ModuleState]) -
 def layout_notes(ck: Checkpoint, layout: Layout) -> list[Finding]:
     if layout is not Layout.C:
         return []
+    out = []
     qc = ck.config.get("quantization_config") or {}
     ign = qc.get("ignore") or []
     oa = sorted(n for n in ck.tensors if n.endswith(".self_attn.o_a_proj.weight"))
     if oa and not any(matches_any(n.removesuffix(".weight"), ign) for n in oa[:1]):
-        return [Finding("c.o_a_proj", ck.tensors[oa[0]].file.name, oa[0], "listed in "
-                        "quantization_config.ignore (it is BF16)", "BF16 and not listed: a "
-                        "loader trusting ignore would read it as NVFP4", "note")]
-    return []
+        out.append(Finding("c.o_a_proj", ck.tensors[oa[0]].file.name, oa[0], "listed in "
+                           "quantization_config.ignore (it is BF16)", "BF16 and not listed: a "
+                           "loader trusting ignore would read it as NVFP4", "note"))
+    excl = c_exclude_patterns(ck.config, ck.json_file("hf_quant_config.json"))
+    nv_excl = sorted(n for n in ck.tensors if n.endswith(".weight_scale")
+                     and matches_any(n.removesuffix(".weight_scale"), excl))
+    if nv_excl:
+        out.append(Finding("c.excluded_nvfp4", ck.tensors[nv_excl[0]].file.name, nv_excl[0],
+                           "modules matched by ignore / exclude_modules stored BF16",
+                           f"NVFP4 ({len(nv_excl)} such module(s)): read as NVFP4 from the "
+                           "tensors; a loader trusting the config would not", "note"))
+    return out
 
 
 # --- values --------------------------------------------------------------------------------
