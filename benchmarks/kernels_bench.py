@@ -36,6 +36,7 @@ from dsv4_nvfp4.formats import (
 )
 from dsv4_nvfp4.kernels import (
     TileConfig,
+    _config,
     dequantize_nvfp4_to_bf16,
     stage_nvfp4_activations_per_token,
     stage_nvfp4_activations_static,
@@ -43,8 +44,9 @@ from dsv4_nvfp4.kernels import (
 
 STAGING_TILES = [(2, 1024, 4), (4, 1024, 4), (8, 1024, 4), (8, 1024, 8), (8, 512, 4),
                  (16, 256, 4)]
-PER_TOKEN_TILES = [(1, 1024, 4), (1, 1024, 8), (2, 1024, 4), (2, 1024, 8), (4, 1024, 8),
-                   (1, 512, 4)]
+# (rows, block, warps[, whole_row]): the whole-row kernel, and the two-pass one for comparison
+PER_TOKEN_TILES = [(1, 1024, 2), (2, 1024, 4), (1, 1024, 4), (4, 1024, 8), (1, 512, 2),
+                   (1, 1024, 4, False)]
 DEQUANT_TILES = [(2, 1024, 4), (4, 1024, 4), (4, 1024, 8), (8, 1024, 8), (16, 512, 8)]
 
 
@@ -105,13 +107,14 @@ def row(name: str, shape: str, nbytes: int, ms: float, copy: float, iters: int,
 
 
 def sweep(name: str, shape: str, nbytes: int, copy: float, iters: int, reps: int,
-          tiles: list[tuple[int, int, int]], run: Callable[[TileConfig | None], object]) -> list:
+          tiles: list[tuple], run: Callable[[TileConfig | None], object]) -> list:
     rows = [row(name, shape, nbytes, graph_ms(lambda: run(None), iters, reps), copy, iters,
                 "default", median_ms(lambda: run(None), iters))]
-    for r, b, w in tiles:
-        cfg = TileConfig(rows=r, block=b, num_warps=w)
+    for tile in tiles:
+        cfg = TileConfig(*tile)
+        label = f"rows={cfg.rows} block={cfg.block} warps={cfg.num_warps}"
         rows.append(row(name, shape, nbytes, graph_ms(lambda c=cfg: run(c), iters, reps), copy,
-                        iters, f"rows={r} block={b} warps={w}"))
+                        iters, label + ("" if cfg.whole_row else " two-pass")))
     return rows
 
 
@@ -146,6 +149,12 @@ def main() -> int:
     tiles = [] if a.no_sweep else PER_TOKEN_TILES
     results += sweep("stage per-token", shape, pt_bytes, copy_st, iters, a.reps, tiles,
                      lambda c: stage_nvfp4_activations_per_token(x, ox, osf, pts, config=c))
+    if not a.no_sweep:  # block amaxes from fp32 unpacking instead of packed 16-bit maxima
+        _config.GPU_PACKED_AMAX = False
+        results += sweep("stage per-token fp32-amax", shape, pt_bytes, copy_st, iters, a.reps,
+                         [], lambda c: stage_nvfp4_activations_per_token(x, ox, osf, pts,
+                                                                          config=c))
+        _config.GPU_PACKED_AMAX = True
     results.append(row("torch formats static", shape, st_bytes, median_ms(
         lambda: quantize_nvfp4_activation_static(x, scale), a.ref_iters), copy_st, a.ref_iters))
     results.append(row("torch formats per-token", shape, pt_bytes, median_ms(

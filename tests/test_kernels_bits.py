@@ -37,6 +37,8 @@ import triton.language as tl
 from dsv4_nvfp4.kernels._bits import (
     div_by_reciprocal,
     div_rn,
+    e2m1_magnitude_bits,
+    e2m1_pair_byte,
     e4m3_encode_bits,
     f32_to_bf16_bits,
 )
@@ -47,7 +49,7 @@ from dsv4_nvfp4.kernels._bits import e4m3_decode as k_e4m3_decode
 pytestmark = pytest.mark.cpu
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "src" / "dsv4_nvfp4" / "kernels"
 BLOCK = 1 << 16
-OP_E4M3_ENCODE, OP_E4M3_DECODE, OP_E2M1_ENCODE, OP_E2M1_DECODE, OP_BF16 = range(5)
+OP_E4M3_ENCODE, OP_E4M3_DECODE, OP_E2M1_ENCODE, OP_E2M1_DECODE, OP_BF16, OP_E2M1_MAG = range(6)
 
 
 @pytest.fixture(autouse=True)
@@ -77,8 +79,26 @@ def _map_kernel(src_ptr, dst_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr):
         tl.store(dst_ptr + offs, k_e2m1_encode(tl.load(src_ptr + offs, mask=m)), mask=m)
     elif OP == 3:
         tl.store(dst_ptr + offs, k_e2m1_decode(tl.load(src_ptr + offs, mask=m)), mask=m)
-    else:
+    elif OP == 4:
         tl.store(dst_ptr + offs, f32_to_bf16_bits(tl.load(src_ptr + offs, mask=m)), mask=m)
+    else:
+        tl.store(dst_ptr + offs, e2m1_magnitude_bits(tl.load(src_ptr + offs, mask=m)) & 7, mask=m)
+
+
+@triton.jit
+def _pair_kernel(lo_ptr, hi_ptr, dst_ptr, n, SIGN: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    lo = tl.load(lo_ptr + offs, mask=m)
+    hi = tl.load(hi_ptr + offs, mask=m)
+    tl.store(dst_ptr + offs, e2m1_pair_byte(lo, hi, SIGN) & 0xFF, mask=m)
+
+
+def run_pair(lo: torch.Tensor, hi: torch.Tensor, sign: int) -> torch.Tensor:
+    dst = torch.empty(lo.shape, dtype=torch.int32)
+    _pair_kernel[(triton.cdiv(lo.numel(), BLOCK),)](lo, hi, dst, lo.numel(), SIGN=sign,
+                                                     BLOCK=BLOCK)
+    return dst.to(torch.uint8)
 
 
 def run_map(op: int, src: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -160,6 +180,36 @@ def test_e2m1_encode_sweep_matches_formats() -> None:
     v = all_signs(fp32_patterns(19, (0x000, 0x001, 0x800, 0xFFF)))  # bits 31..12
     got = run_map(OP_E2M1_ENCODE, v, torch.int32).to(torch.uint8)
     assert_bitwise_equal(got, e2m1_encode(v), "e2m1 codes over the fp32 sweep")
+
+
+def test_e2m1_magnitude_sweep_matches_formats() -> None:
+    """The min-of-three-FMAs magnitude code equals formats' on every |y| of the sweep
+    (inf and NaN included), and on the spelled-out code points and ties."""
+    v = fp32_patterns(19, (0x000, 0x001, 0x800, 0xFFF))  # bits 30..12, non-negative
+    got = run_map(OP_E2M1_MAG, v, torch.int32).to(torch.uint8)
+    assert_bitwise_equal(got, e2m1_encode(v), "e2m1 magnitude codes over the fp32 sweep")
+    vals = torch.tensor([abs(v) for v, _ in E2M1_SPELLED], dtype=torch.float32)
+    got = run_map(OP_E2M1_MAG, vals, torch.int32).to(torch.uint8)
+    assert_bitwise_equal(got, e2m1_encode(vals), "e2m1 magnitude codes (spelled out)")
+
+
+def test_e2m1_pair_byte_matches_formats() -> None:
+    """code(lo) | code(hi) << 4 with the sign from the sign bit: formats' byte for every
+    value but -0.0 and negative NaN (documented: callers mask the sign there); with sign
+    mask 0 the magnitudes alone."""
+    v = all_signs(fp32_patterns(17, (0x000, 0x001, 0x800, 0xFFF)))
+    lo, hi = v, v.roll(12345)
+    want = e2m1_encode(lo) | (e2m1_encode(hi) << 4)
+    got = run_pair(lo, hi, 8)
+    def negative_zero_or_nan(t: torch.Tensor) -> torch.Tensor:
+        return ((t == 0) | torch.isnan(t)) & (t.view(torch.int32) < 0)
+
+    ok = ~negative_zero_or_nan(lo) & ~negative_zero_or_nan(hi)
+    assert int(ok.sum()) > 1_000_000
+    assert_bitwise_equal(got[ok], want[ok], "e2m1 pair bytes (signed)")
+    want0 = (e2m1_encode(lo) & 7) | ((e2m1_encode(hi) & 7) << 4)
+    assert_bitwise_equal(run_pair(lo, hi, 0), want0, "e2m1 pair bytes (sign masked)")
+    assert run_pair(torch.tensor([-0.0]), torch.tensor([-1.0]), 8).tolist() == [0xA8]
 
 
 def test_e2m1_decode_every_code() -> None:

@@ -81,21 +81,9 @@ def assert_same_float(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert_bitwise_equal(got[~nan], want[~nan], what)
 
 
-def canonical_nan_sf(sf: torch.Tensor) -> torch.Tensor:
-    """E4M3 NaN SF bytes as 0x7F.
-
-    formats' ``encode_ue4m3`` keeps a NaN's sign bit, and the sign of a NaN made
-    by ``inf/inf`` is the platform's (x86 CPUs: negative → byte 0xFF; CUDA:
-    positive → 0x7F). The kernels always write 0x7F, the byte formats documents.
-    """
-    b = sf.view(torch.uint8)
-    return torch.where(b == 0xFF, torch.full_like(b, 0x7F), b)
-
-
 def check_per_token(x: torch.Tensor, config=None) -> None:
     ox, osf, pts = stage_per_token(x, config)
-    p, sf, rpts = quantize_nvfp4_activation_per_token(x)
-    sf = canonical_nan_sf(sf)
+    p, sf, rpts = quantize_nvfp4_activation_per_token(x)  # NaN scale bytes: 0x7F, as the kernel
     assert_bitwise_equal(ox, p, "x (packed E2M1)")
     assert_bitwise_equal(osf, pack_sf_bytes_to_int32(sf), "x_sf (int32 words)")
     assert_same_float(pts, rpts, "x_scales (per-token scale)")
@@ -224,12 +212,68 @@ def test_static_property(t: int, groups: int, log_scale: float, seed: int) -> No
 CONFIGS = [(1, 64), (2, 128), (4, 256), (8, 64), (16, 128)]
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # numpy, on the NaN row
+@pytest.mark.parametrize("whole_row", [True, False], ids=["whole-row", "two-pass"])
 @pytest.mark.parametrize(("rows", "block"), CONFIGS)
-def test_results_do_not_depend_on_the_tile(rows: int, block: int) -> None:
-    cfg = kernels.TileConfig(rows=rows, block=block)
+def test_results_do_not_depend_on_the_tile(rows: int, block: int, whole_row: bool) -> None:
+    cfg = kernels.TileConfig(rows=rows, block=block, whole_row=whole_row)
     x = random_x(13, 256, seed=5)  # 13 is not a multiple of any tile's rows
+    x[4, 7] = float("nan")
+    x[6] *= 1e7  # pts > 128: the exact division
     check_static(x, 0.01, cfg)
     check_per_token(x, cfg)
+
+
+class _Spy:
+    """Stands in for a jit kernel: counts launches, then launches the real one."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize(("h", "config", "whole_row"), [
+    (7168, None, True),  # 7 tiles of 1024 in the interpreter's default tile
+    (64 * 17, None, False),  # 17 tiles of 64: more than MAX_ROW_CHUNKS, two passes
+    (256, (2, 64, True), True),
+    (256, (2, 64, False), False),
+])
+def test_per_token_kernel_choice(h: int, config, whole_row: bool,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which per-token kernel runs (whole row in registers or two passes); both exact."""
+    from dsv4_nvfp4.kernels import staging
+
+    spies = {name: _Spy(getattr(staging, name))
+             for name in ("_stage_per_token_row_kernel", "_stage_per_token_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(staging, name, spy)
+    cfg = None if config is None else kernels.TileConfig(*config[:2], whole_row=config[2])
+    check_per_token(random_x(5, h, seed=h), cfg)
+    assert spies["_stage_per_token_row_kernel"].calls == int(whole_row)
+    assert spies["_stage_per_token_kernel"].calls == int(not whole_row)
+
+
+def test_gpu_per_token_tiles_keep_rows_in_registers() -> None:
+    """On the GPU the default per-token tile holds V4 Pro's 7168-wide row in registers
+    (2 warps: one block-16 group per thread and tile, 56 words a thread), widens for
+    16384, and leaves rows too long for registers to the two-pass kernel."""
+    from dsv4_nvfp4.kernels._config import row_fits, staging_tile
+
+    cuda = torch.device("cuda")
+    cfg = staging_tile(7168, per_token=True, device=cuda)
+    assert (cfg.rows, cfg.block, cfg.num_warps) == (1, 1024, 2) and row_fits(cfg, 7168, cuda)
+    cfg = staging_tile(16384, per_token=True, device=cuda)
+    assert cfg.num_warps == 4 and row_fits(cfg, 16384, cuda)
+    cfg = staging_tile(3072, per_token=True, device=cuda)
+    assert cfg.num_warps == 2 and row_fits(cfg, 3072, cuda)
+    cfg = staging_tile(65536, per_token=True, device=cuda)
+    assert not row_fits(cfg, 65536, cuda)  # 64 tiles
+    assert not row_fits(kernels.TileConfig(1, 64, 4), 64 * 17, cuda)  # 17 tiles
+    assert not row_fits(kernels.TileConfig(1, 1024, 4, whole_row=False), 7168, cuda)
+    assert not row_fits(kernels.TileConfig(1, 1024, 1), 7168, cuda)  # 112 words a thread
 
 
 def test_zero_tokens_touch_nothing() -> None:
@@ -273,6 +317,21 @@ def test_writes_stay_inside_the_callers_rows_and_columns() -> None:
                                                                  == POISON_WORD).all())
         assert bool((big_pts[t:] == -1.0).all())
         assert bool(((out_x >> 4) != 0).any()), "high nibbles must carry the odd elements"
+
+
+def test_one_scale_word_per_row_with_any_stride() -> None:
+    """H = 64: the [T, 1] scale view may have any stride along its single column."""
+    x = random_x(4, 64, seed=13)
+    big = torch.full((4, 8), POISON_WORD, dtype=torch.int32)
+    out_sf = big[:, 2::8]  # shape [4, 1], strides (8, 8)
+    out_x = torch.zeros(4, 32, dtype=torch.uint8)
+    pts = torch.zeros(4)
+    kernels.stage_nvfp4_activations_per_token(x, out_x, out_sf, pts)
+    p, sf, rpts = quantize_nvfp4_activation_per_token(x)
+    assert_bitwise_equal(out_x, p, "x")
+    assert_bitwise_equal(out_sf, pack_sf_bytes_to_int32(sf), "x_sf")
+    assert_bitwise_equal(pts, rpts, "x_scales")
+    assert bool((big[:, [0, 1, 3, 4, 5, 6, 7]] == POISON_WORD).all())
 
 
 def test_int8_output_buffer_accepted() -> None:

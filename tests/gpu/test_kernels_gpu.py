@@ -1,13 +1,13 @@
 """Triton kernels on the H100 at DeepSeek V4 Pro shapes: bit-exact against formats.
 
-``formats`` is evaluated on the CPU copy of each input (IEEE operations as
-written) and must match the GPU kernel byte for byte. formats evaluated on
-the GPU is compared too and its differences are recorded, not asserted:
-torch on CUDA turns ``tensor / python_float`` into a multiplication by the
-fp32 reciprocal, so formats itself gives slightly different bits on the two
-devices (see docs/kernels.md). sgl-deep-gemm's CUDA pre-dispatch kernel is an
-independent reference for the per-token convention; it differs only at exact
-ties (and writes +0 where formats writes -0), which is asserted and counted.
+The kernels must match ``formats`` byte for byte twice: evaluated on the CPU
+copy of each input and evaluated on the GPU itself. (Before formats divided by
+a 0-d device tensor, torch on CUDA turned ``tensor / python_float`` into a
+multiplication by the fp32 reciprocal and formats-on-GPU differed from
+formats-on-CPU at exact ties; the counts of both comparisons go to the report.)
+sgl-deep-gemm's CUDA pre-dispatch kernel is an independent reference for the
+per-token convention; it differs only at exact ties (and writes +0 where
+formats writes -0), which is asserted and counted.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dsv4_nvfp4.formats import (
 )
 from dsv4_nvfp4.kernels import (
     TileConfig,
+    _config,
     dequantize_nvfp4_to_bf16,
     stage_nvfp4_activations_per_token,
     stage_nvfp4_activations_static,
@@ -42,6 +43,7 @@ from dsv4_nvfp4.kernels._bits import (
     bf16_pair_word,
     div_by_reciprocal,
     div_rn,
+    e2m1_pair_byte,
     e4m3_encode,
     e4m3_encode_bits,
     e4m3_to_f32,
@@ -74,11 +76,6 @@ def assert_bytes_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None
         coord = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), got.shape))
         raise AssertionError(f"{what}: {int(diff.sum())} bytes differ; first element {coord}: "
                              f"got {got.flatten()[first]} want {want.flatten()[first]}")
-
-
-def canonical_nan_sf(sf: torch.Tensor) -> torch.Tensor:
-    b = sf.view(torch.uint8)
-    return torch.where(b == 0xFF, torch.full_like(b, 0x7F), b)
 
 
 def make_x(t: int, h: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.Tensor:
@@ -116,13 +113,21 @@ def run_per_token(x: torch.Tensor, config: TileConfig | None = None):
 
 
 def formats_static(x: torch.Tensor, scale: torch.Tensor):
+    """formats on x's device (NaN scale bytes are 0x7F on every device, as the kernels)."""
     p, sf = quantize_nvfp4_activation_static(x, scale)
-    return p, pack_sf_bytes_to_int32(canonical_nan_sf(sf))
+    return p, pack_sf_bytes_to_int32(sf)
 
 
 def formats_per_token(x: torch.Tensor):
     p, sf, pts = quantize_nvfp4_activation_per_token(x)
-    return p, pack_sf_bytes_to_int32(canonical_nan_sf(sf)), pts
+    return p, pack_sf_bytes_to_int32(sf), pts
+
+
+def float_mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Differing fp32 values, NaN equal to NaN (any payload)."""
+    a, b = a.cpu(), b.cpu()
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    return int(((a.view(torch.int32) != b.view(torch.int32)) & ~both_nan).sum())
 
 
 # --- staging: bit-exact at full shapes -------------------------------------------------------
@@ -134,13 +139,16 @@ def test_static_bit_exact(t: int, h: int, report: dict[str, Any]) -> None:
     scale = (amax / 2688).reshape(1)  # a calibrated input_scale, on the GPU (the hot path)
     ox, osf = run_static(x, scale)
     p, sf = formats_static(x.cpu(), scale.cpu())
-    assert_bytes_equal(ox, p, "x vs formats (CPU)")
-    assert_bytes_equal(osf, sf, "x_sf vs formats (CPU)")
     gp, gsf = formats_static(x, scale)
     report[f"static T={t} H={h}"] = {
-        "vs_formats_cpu": {"x_bytes": 0, "sf_words": 0},
-        "vs_formats_gpu": {"x_bytes": mismatches(ox, gp), "sf_words": mismatches(osf, gsf)},
+        "kernel_vs_formats_cpu": {"x_bytes": mismatches(ox, p), "sf_words": mismatches(osf, sf)},
+        "kernel_vs_formats_gpu": {"x_bytes": mismatches(ox, gp), "sf_words": mismatches(osf, gsf)},
+        "formats_gpu_vs_cpu": {"x_bytes": mismatches(gp, p), "sf_words": mismatches(gsf, sf)},
         "n_bytes": ox.numel(), "n_sf": osf.numel() * 4}
+    assert_bytes_equal(ox, p, "x vs formats (CPU)")
+    assert_bytes_equal(osf, sf, "x_sf vs formats (CPU)")
+    assert_bytes_equal(ox, gp, "x vs formats (GPU)")
+    assert_bytes_equal(osf, gsf, "x_sf vs formats (GPU)")
 
 
 @pytest.mark.parametrize("h", HIDDEN)
@@ -149,30 +157,36 @@ def test_per_token_bit_exact(t: int, h: int, report: dict[str, Any]) -> None:
     x = make_x(t, h, seed=3 * t + h)
     ox, osf, pts = run_per_token(x)
     p, sf, rpts = formats_per_token(x.cpu())
-    assert_bytes_equal(ox, p, "x vs formats (CPU)")
-    assert_bytes_equal(osf, sf, "x_sf vs formats (CPU)")
-    assert_bytes_equal(pts, rpts, "x_scales vs formats (CPU)")
     gp, gsf, gpts = formats_per_token(x)
     report[f"per_token T={t} H={h}"] = {
-        "vs_formats_cpu": {"x_bytes": 0, "sf_words": 0, "pts": 0},
-        "vs_formats_gpu": {"x_bytes": mismatches(ox, gp), "sf_words": mismatches(osf, gsf),
-                           "pts_rows": int((pts.cpu() != gpts.cpu()).sum())},
+        "kernel_vs_formats_cpu": {"x_bytes": mismatches(ox, p), "sf_words": mismatches(osf, sf),
+                                  "pts_rows": float_mismatches(pts, rpts)},
+        "kernel_vs_formats_gpu": {"x_bytes": mismatches(ox, gp), "sf_words": mismatches(osf, gsf),
+                                  "pts_rows": float_mismatches(pts, gpts)},
+        "formats_gpu_vs_cpu": {"x_bytes": mismatches(gp, p), "sf_words": mismatches(gsf, sf),
+                               "pts_rows": float_mismatches(gpts, rpts)},
         "n_bytes": ox.numel(), "n_rows": t}
+    for name, want in (("CPU", (p, sf, rpts)), ("GPU", (gp, gsf, gpts))):
+        assert_bytes_equal(ox, want[0], f"x vs formats ({name})")
+        assert_bytes_equal(osf, want[1], f"x_sf vs formats ({name})")
+        assert_bytes_equal(pts, want[2], f"x_scales vs formats ({name})")
 
 
 def test_fp16_input(report: dict[str, Any]) -> None:
     x = make_x(4096, 7168, torch.float16, seed=99)
     scale = torch.tensor([float(x.float().abs().amax()) / 2688], device=DEV)
     ox, osf = run_static(x, scale)
-    p, sf = formats_static(x.cpu(), scale.cpu())
-    assert_bytes_equal(ox, p, "x (fp16)")
-    assert_bytes_equal(osf, sf, "x_sf (fp16)")
+    for name, (p, sf) in (("CPU", formats_static(x.cpu(), scale.cpu())),
+                          ("GPU", formats_static(x, scale))):
+        assert_bytes_equal(ox, p, f"x (fp16) vs formats ({name})")
+        assert_bytes_equal(osf, sf, f"x_sf (fp16) vs formats ({name})")
     ox, osf, pts = run_per_token(x)
-    p, sf, rpts = formats_per_token(x.cpu())
-    assert_bytes_equal(ox, p, "x (fp16, per token)")
-    assert_bytes_equal(osf, sf, "x_sf (fp16, per token)")
-    assert_bytes_equal(pts, rpts, "x_scales (fp16)")
-    report["fp16 T=4096 H=7168"] = "bit-exact vs formats (CPU), both conventions"
+    for name, (p, sf, rpts) in (("CPU", formats_per_token(x.cpu())),
+                                ("GPU", formats_per_token(x))):
+        assert_bytes_equal(ox, p, f"x (fp16, per token) vs formats ({name})")
+        assert_bytes_equal(osf, sf, f"x_sf (fp16, per token) vs formats ({name})")
+        assert_bytes_equal(pts, rpts, f"x_scales (fp16) vs formats ({name})")
+    report["fp16 T=4096 H=7168"] = "bit-exact vs formats on CPU and GPU, both conventions"
 
 
 def test_edge_values_inf_nan() -> None:
@@ -181,32 +195,57 @@ def test_edge_values_inf_nan() -> None:
     x[6, 17] = float("-inf")
     x[7, 33] = float("nan")
     x[8] = 2.0**-133  # bf16 subnormals
-    x[9] *= 1e30
+    x[9] *= 1e30  # pts > 128: the per-token kernel divides exactly
     x = x.to(torch.bfloat16)
     for scale in (1.0, 2.0**-10, 1e-12, 1e20):
         ox, osf = run_static(x, torch.tensor([scale], device=DEV))
-        p, sf = formats_static(x.cpu(), torch.tensor(scale))
-        assert_bytes_equal(ox, p, f"x (scale {scale})")
-        assert_bytes_equal(osf, sf, f"x_sf (scale {scale})")
-    ox, osf, pts = run_per_token(x)
-    p, sf, rpts = formats_per_token(x.cpu())
-    assert_bytes_equal(ox, p, "x (per token)")
-    assert_bytes_equal(osf, sf, "x_sf (per token)")
-    nan = torch.isnan(rpts)
-    assert torch.equal(torch.isnan(pts.cpu()), nan)
-    assert_bytes_equal(pts.cpu()[~nan], rpts[~nan], "x_scales (per token)")
+        for name, (p, sf) in (("CPU", formats_static(x.cpu(), torch.tensor(scale))),
+                              ("GPU", formats_static(x, torch.tensor(scale, device=DEV)))):
+            assert_bytes_equal(ox, p, f"x (scale {scale}) vs formats ({name})")
+            assert_bytes_equal(osf, sf, f"x_sf (scale {scale}) vs formats ({name})")
+    for whole_row in (True, False):
+        ox, osf, pts = run_per_token(x, TileConfig(1, 1024, 4, whole_row=whole_row))
+        for name, (p, sf, rpts) in (("CPU", formats_per_token(x.cpu())),
+                                    ("GPU", formats_per_token(x))):
+            what = f"(per token, whole_row={whole_row}) vs formats ({name})"
+            assert_bytes_equal(ox, p, f"x {what}")
+            assert_bytes_equal(osf, sf, f"x_sf {what}")
+            assert float_mismatches(pts, rpts) == 0, f"x_scales {what}"
+            assert torch.equal(torch.isnan(pts.cpu()), torch.isnan(rpts.cpu())), f"NaN {what}"
 
 
-@pytest.mark.parametrize(("rows", "block", "warps"), [(1, 512, 4), (4, 1024, 8), (8, 256, 4),
-                                                      (16, 64, 2)])
-def test_tile_shapes_agree(rows: int, block: int, warps: int) -> None:
+@pytest.mark.parametrize(("rows", "block", "warps", "whole_row"), [
+    (1, 512, 2, True), (2, 1024, 4, True), (1, 1024, 4, True), (1, 1024, 8, True),
+    (4, 1024, 8, False), (8, 256, 4, False), (16, 64, 2, False)])
+def test_tile_shapes_agree(rows: int, block: int, warps: int, whole_row: bool) -> None:
     x = make_x(1000, 7168, seed=12)
-    cfg = TileConfig(rows=rows, block=block, num_warps=warps)
+    x[9] *= 1e6  # pts > 128 in one program: the exact division
+    cfg = TileConfig(rows=rows, block=block, num_warps=warps, whole_row=whole_row)
     scale = torch.tensor([0.003], device=DEV)
     assert_bytes_equal(run_static(x, scale, cfg)[0], run_static(x, scale)[0], "static x")
     a, b = run_per_token(x, cfg), run_per_token(x)
-    for u, v, n in zip(a, b, ("x", "x_sf", "pts"), strict=True):
+    for u, v, w, n in zip(a, b, formats_per_token(x), ("x", "x_sf", "pts"), strict=True):
         assert_bytes_equal(u, v, f"per-token {n}")
+        assert_bytes_equal(u, w, f"per-token {n} vs formats (GPU)")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_per_token_amax_forms_agree(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block amaxes from packed 16-bit maxima (the default) or from fp32: same bytes as formats,
+    on rows with inf, NaN, -0.0 and subnormals too."""
+    x = make_x(512, 7168, dtype, seed=21)
+    x[5, 5] = float("inf")
+    x[6, 17] = float("-inf")
+    x[7, 33] = float("nan")
+    x[8, :64] = -0.0
+    x[9, 100:200] = 2.0**-133 if dtype == torch.bfloat16 else 2.0**-24
+    want = formats_per_token(x)
+    for packed in (True, False):
+        monkeypatch.setattr(_config, "GPU_PACKED_AMAX", packed)
+        got = run_per_token(x)
+        for u, v, n in zip(got[:2], want[:2], ("x", "x_sf"), strict=True):
+            assert_bytes_equal(u, v, f"{n} (packed amax {packed}) vs formats (GPU)")
+        assert float_mismatches(got[2], want[2]) == 0, f"pts (packed amax {packed})"
 
 
 def test_writes_only_the_callers_rows() -> None:
@@ -351,6 +390,9 @@ def _map_kernel(src_ptr, dst_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr):
         tl.store(dst_ptr + offs, e4m3_encode(tl.load(src_ptr + offs, mask=m), True), mask=m)
     elif OP == 6:
         tl.store(dst_ptr + offs, e4m3_to_f32(tl.load(src_ptr + offs, mask=m), True), mask=m)
+    elif OP == 8:  # code(v) | code(-v) << 4, the per-token kernel's encoder
+        v = tl.load(src_ptr + offs, mask=m)
+        tl.store(dst_ptr + offs, e2m1_pair_byte(v, -v, 8) & 0xFF, mask=m)
     else:
         v = tl.load(src_ptr + offs, mask=m)
         tl.store(dst_ptr + offs, bf16_pair_word(v, v, True) & 0xFFFF, mask=m)
@@ -373,13 +415,14 @@ def _division_kernel(x_ptr, d_ptr, exact_ptr, fast_ptr, code_ptr, n_x, BLOCK: tl
 
 
 def test_reciprocal_division_matches_ieee_division(report: dict[str, Any]) -> None:
-    """Every finite bf16 x over 8192 divisors spanning the per-token kernel's range
+    """Every finite bf16 and fp16 x over 8192 divisors spanning the per-token kernel's range
     [2**-34, 2**16), where quotients stay below 2**20 (the kernel's are below ~12):
     the reciprocal form gives the IEEE quotient's bits wherever x and the quotient are at
     least 2**-100, and the same E2M1 code everywhere (below that the FMA remainder can
     underflow, which moves only the last bits of quotients far below any threshold)."""
     bits = torch.arange(0, 1 << 16, dtype=torch.int32, device=DEV)
-    x = (bits << 16).view(torch.float32)
+    x = torch.cat([(bits << 16).view(torch.float32),  # every bf16, then every fp16
+                   bits.to(torch.int16).view(torch.float16).float()])
     x = x[torch.isfinite(x)].contiguous()
     g = torch.Generator(device=DEV).manual_seed(3)
     d = torch.exp2(torch.rand(8192, generator=g, device=DEV) * 50 - 34)
@@ -433,6 +476,21 @@ def test_e2m1_encode_all_fp32(report: dict[str, Any]) -> None:
     for v in _chunks(-(1 << 31), 1 << 31):
         bad += int((_map(2, v, torch.int32).to(torch.uint8) != e2m1_encode(v)).sum())
     report["e2m1 encode, all 2^32 fp32"] = bad
+    assert bad == 0
+
+
+def test_e2m1_pair_byte_all_fp32(report: dict[str, Any]) -> None:
+    """The per-token kernel's encoder on every fp32 v (paired with -v): formats' codes, except
+    the documented -0.0 and negative-NaN inputs (the kernel masks their sign)."""
+    bad = 0
+    for v in _chunks(-(1 << 31), 1 << 31):
+        got = _map(8, v, torch.int32).to(torch.uint8)
+        want = e2m1_encode(v) | (e2m1_encode(-v) << 4)
+        special = (v == 0) | torch.isnan(v)  # one of v, -v carries the sign bit
+        bad += int(((got != want) & ~special).sum())
+        magnitude = (e2m1_encode(v) & 7) | ((e2m1_encode(-v) & 7) << 4)
+        bad += int(((got & 0x77) != magnitude)[special].sum())
+    report["e2m1 pair byte (per-token encoder), all 2^32 fp32"] = bad
     assert bad == 0
 
 

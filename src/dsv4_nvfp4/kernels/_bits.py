@@ -24,6 +24,8 @@ The functions mirror :mod:`dsv4_nvfp4.formats`:
 * :func:`e4m3_decode` = ``formats.decode_ue4m3``;
 * :func:`e2m1_encode` = ``formats.e2m1_encode`` (RNE ties to even, saturate
   to ±6, NaN → 7, -0.0 → 0, negative values that round to zero → 8);
+  :func:`e2m1_magnitude_bits` / :func:`e2m1_pair_byte` the same rounding with
+  fewer integer instructions, for the per-token staging kernel;
 * :func:`e2m1_decode` = ``formats.e2m1_decode`` (code 8 → -0.0);
 * :func:`f32_to_bf16_bits` = torch's fp32 → bf16 cast (RNE, NaN → 0x7FC0).
 """
@@ -72,6 +74,36 @@ def pair_to_f32(w, IS_BF16: tl.constexpr):
 def abs_max(a, b):
     """max(|a|, |b|) with NaN propagating, like torch's ``amax`` (on the GPU one FMNMX.NAN)."""
     return tl.maximum(tl.abs(a), tl.abs(b), propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_u16x2(a, b):
+    """Per 16-bit half, the unsigned maximum (PTX ``max.u16x2``, sm_90+; GPU only)."""
+    return tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def group_amax_packed(w, ROWS: tl.constexpr, G: tl.constexpr, IS_BF16: tl.constexpr):
+    """Block-16 amax of ``[ROWS, 8G]`` words of two bf16/fp16 each, on the GPU, as fp32.
+
+    With the sign bits cleared, the bit patterns of bf16/fp16 magnitudes order as
+    their values, NaN patterns above inf, so an unsigned 16-bit maximum over the
+    packed halves is torch's NaN-propagating amax (the NaN payload may differ; it
+    is NaN). One logic op and ~0.9 packed maxima per word, instead of unpacking
+    both halves to fp32 (the interpreter has no inline PTX: :func:`abs_max` there).
+    """
+    a = tl.reshape(w & 0x7FFF7FFF, [ROWS, G, 4, 2])
+    x, y = tl.split(a)
+    a = tl.reshape(_max_u16x2(x, y), [ROWS, G, 2, 2])
+    x, y = tl.split(a)
+    x, y = tl.split(_max_u16x2(x, y))
+    a = _max_u16x2(x, y)
+    m = tl.maximum(a & 0xFFFF, a >> 16)  # bit 31 is clear: a plain signed max
+    if IS_BF16:
+        return bits_f32(m << 16)
+    else:
+        return m.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -200,6 +232,47 @@ def e2m1_encode(y):
     low = f32_bits(t) - tl.where(small, 0x4B000000, 0x4AFFFFFE)  # RNE(..) (+2 from 2 on)
     mag = tl.where(m < 4.0, low, tl.where(m <= 5.0, 6, 7))  # NaN fails both tests → 7
     return mag | tl.where(y < 0.0, 8, 0)
+
+
+@triton.jit
+def e2m1_magnitude_bits(m):
+    """Non-negative fp32 (or NaN) → int32 whose low 3 bits are the E2M1 code of ``m``.
+
+    The same rounding as :func:`e2m1_encode` on ``|y|``, in a form that keeps the
+    GPU's integer/logic pipe free (the staging kernels are bound by it): three
+    fused multiply-adds put RNE(2m), RNE(m) + 2 and RNE(m/2) + 4 into the low
+    mantissa bits of 2**23 + k, and the smallest of them (and 2**23 + 7) is the code.
+    Why the minimum: 2m <= m + 2 exactly when m <= 2, m + 2 <= m/2 + 4 when m <= 4
+    and 2m <= m/2 + 4 when m <= 8/3, and RNE is monotone, so the minimum is
+    RNE(2m) below 2 (codes 0..4), RNE(m) + 2 from 2 to 4 (4..6) and
+    min(RNE(m/2) + 4, 7) from 4 (6 up to 5, tie 5 → 4.0, else 7). Each FMA rounds
+    once, at the unit of 2**23, with the FPU's ties-to-even, and 2**23 + k has the
+    parity of k. inf, NaN (``min`` ignores NaN) and large values give 7. The upper
+    bits are 0x4B000000: callers keep the low bits only.
+    """
+    t1 = m * 2.0 + 8388608.0  # 2**23 + RNE(2m); 2m is exact, fused or not
+    t2 = m + 8388610.0  # 2**23 + 2 + RNE(m)
+    t3 = m * 0.5 + 8388612.0  # 2**23 + 4 + RNE(m/2) (m/2 exact wherever this term wins)
+    return f32_bits(tl.minimum(tl.minimum(t1, t2), tl.minimum(t3, 8388615.0)))
+
+
+@triton.jit
+def e2m1_pair_byte(lo, hi, sign_mask):
+    """Two fp32 → int32 whose low byte is ``code(lo) | code(hi) << 4`` (upper bits garbage).
+
+    The sign nibble bit is the fp32 sign bit times ``sign_mask`` (8 or 0), taken
+    with an unsigned high multiply (no shift, no compare: the logic pipe stays
+    free). This equals :func:`e2m1_encode` for every value except -0.0 and NaN
+    with the sign bit set (8 and 15 here, 0 and 7 there): callers pass
+    ``sign_mask = 0`` wherever those can occur. The per-token kernel does: its
+    quotients are +0 for ±0 inputs (RN(+0 + -0) = +0), and NaN only in blocks
+    whose scale is 0 or NaN, where it passes 0.
+    """
+    a_lo = e2m1_magnitude_bits(tl.abs(lo))
+    a_hi = e2m1_magnitude_bits(tl.abs(hi))
+    s_lo = tl.umulhi(f32_bits(lo), 2)  # bit 31 → 0 or 1
+    s_hi = tl.umulhi(f32_bits(hi), 2)
+    return a_lo + s_lo * sign_mask + (a_hi + s_hi * sign_mask) * 16
 
 
 @triton.jit

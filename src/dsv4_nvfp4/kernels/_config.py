@@ -14,11 +14,18 @@ import torch
 
 @dataclass(frozen=True)
 class TileConfig:
-    """``rows`` tokens (or weight rows) × ``block`` columns per program."""
+    """``rows`` tokens (or weight rows) × ``block`` columns per program.
+
+    ``whole_row`` (per-token staging only): hold each program's rows in registers
+    as ``H / block`` tiles when they fit (:func:`row_fits`), so the input is read
+    once; ``False`` forces the two-pass kernel (row amax, then quantize, the
+    second pass reading from L2), the path for rows too long for registers.
+    """
 
     rows: int
     block: int
     num_warps: int = 4
+    whole_row: bool = True
 
 
 def _pow2(n: int) -> bool:
@@ -47,6 +54,14 @@ GPU_STAGING_ROWS = 4
 GPU_PER_TOKEN_ROWS = 1
 GPU_DEQUANT_BLOCK = 1024
 GPU_DEQUANT_ROWS = 2
+# Whole-row per-token kernel: at most this many tiles per row and int32 words per thread
+# (two bf16 each), so that a row stays in registers without spilling (56 words of a 7168 row
+# take 96 registers with 2 warps, compiled for sm_90).
+MAX_ROW_CHUNKS = 16
+GPU_ROW_WORDS_PER_THREAD = 64
+# Per-token kernel on the GPU: block amaxes from packed 16-bit maxima (inline PTX) instead of
+# fp32 unpacking; the benchmark flips it to compare, the GPU tests run both.
+GPU_PACKED_AMAX = True
 # Interpreter: few, large programs.
 CPU_TILE_ELEMS = 1 << 16
 
@@ -59,7 +74,29 @@ def staging_tile(hidden: int, *, per_token: bool, device: torch.device) -> TileC
     block = pow2_divisor(hidden, GPU_STAGING_BLOCK)
     rows = GPU_PER_TOKEN_ROWS if per_token else GPU_STAGING_ROWS
     rows = max(rows, GPU_STAGING_BLOCK * rows // block)  # keep small-H tiles large enough
+    if per_token:
+        # One whole block-16 group (8 words) per thread and tile: the group amax and the codes
+        # need no shuffles. More warps only when the row would not fit in registers.
+        warps = max(1, rows * block // 16 // 32)
+        while warps <= 16:
+            cfg = TileConfig(rows=rows, block=block, num_warps=warps)
+            if row_fits(cfg, hidden, device):
+                return cfg
+            warps *= 2
     return TileConfig(rows=rows, block=block)
+
+
+def row_fits(cfg: TileConfig, hidden: int, device: torch.device) -> bool:
+    """Whether the per-token kernel can hold ``cfg.rows`` rows of ``hidden`` in registers.
+
+    At most :data:`MAX_ROW_CHUNKS` tiles (the kernel unrolls over them) and, on the
+    GPU, :data:`GPU_ROW_WORDS_PER_THREAD` input words per thread; the interpreter
+    has no register file, so there only the tile count matters.
+    """
+    if not cfg.whole_row or hidden // cfg.block > MAX_ROW_CHUNKS:
+        return False
+    words_per_thread = cfg.rows * hidden // 2 // (32 * cfg.num_warps)
+    return device.type == "cpu" or words_per_thread <= GPU_ROW_WORDS_PER_THREAD
 
 
 def dequant_tile(k: int, *, device: torch.device) -> TileConfig:

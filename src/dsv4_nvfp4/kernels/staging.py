@@ -37,18 +37,21 @@ import triton.language as tl
 from dsv4_nvfp4.formats.constants import NVFP4_GROUP
 from dsv4_nvfp4.formats.errors import expect
 
+from . import _config
 from ._bits import (
     abs_max,
     div_by_reciprocal,
     div_rn,
     e2m1_encode,
+    e2m1_pair_byte,
     e4m3_encode,
     e4m3_to_f32,
+    group_amax_packed,
     nan_max_reduce,
     pack_sf_words,
     pair_to_f32,
 )
-from ._config import TileConfig, check_tile, staging_tile
+from ._config import TileConfig, check_tile, row_fits, staging_tile
 
 SF_WORD_GROUPS = 4  # UE4M3 scales per int32 word
 H_MULTIPLE = NVFP4_GROUP * SF_WORD_GROUPS  # 64: one int32 scale word
@@ -172,6 +175,121 @@ def _stage_per_token_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
                  mask=rmask)
 
 
+@triton.jit
+def _quantize_chunk(w, amax, pts2, six_pts, rcp_six_pts, ROWS: tl.constexpr, G: tl.constexpr,
+                    IS_BF16: tl.constexpr, HW: tl.constexpr, EXACT: tl.constexpr):
+    """Scale bytes ``[ROWS, G]`` and packed codes ``[ROWS, G, 8]`` of one tile of a row.
+
+    formats: SF = e4m3(block_amax / (6 * pts)); codes = E2M1(x / (fp32(SF) * pts)), SF 0 →
+    codes 0. EXACT divides with ``div_rn`` and encodes with :func:`e2m1_encode`. Otherwise
+    (every row of the program has pts <= 128) the quotient comes from the reciprocal
+    (:func:`div_by_reciprocal`, the same bits) and the codes from :func:`e2m1_pair_byte`:
+    a block with SF 0 gets reciprocal 0, so its quotients are ±0 and its codes 0 once the
+    sign is masked; a block whose SF or denominator is NaN (a row holding inf or NaN) gets
+    NaN quotients, code 7, sign masked too. Everywhere else ``denom > 0`` and the quotient
+    of ±0 is +0, so the sign bit is the sign of a nonzero quotient.
+    """
+    if EXACT:
+        sf_byte = e4m3_encode(div_rn(amax, six_pts), HW)
+    else:  # amax / (6 pts) from the row's reciprocal (the quotient is <= 448)
+        sf_byte = e4m3_encode(div_by_reciprocal(amax, six_pts, rcp_six_pts), HW)
+    denom = e4m3_to_f32(sf_byte, HW) * pts2
+    zero = denom == 0.0
+    safe = tl.where(zero, 1.0, denom)
+    lo, hi = pair_to_f32(w, IS_BF16)
+    if EXACT:
+        packed = _packed_codes(lo, hi, safe, safe, ROWS, G, 1)
+        packed = tl.where(zero[:, :, None], 0, packed)
+    else:
+        rcp = tl.where(zero, 0.0, div_rn(tl.full([ROWS, G], 1.0, tl.float32), safe))
+        sign_mask = tl.where(denom > 0.0, 8, 0)[:, :, None]
+        s3 = safe[:, :, None]
+        r3 = rcp[:, :, None]
+        qlo = div_by_reciprocal(tl.reshape(lo, [ROWS, G, 8]), s3, r3)
+        qhi = div_by_reciprocal(tl.reshape(hi, [ROWS, G, 8]), s3, r3)
+        packed = e2m1_pair_byte(qlo, qhi, sign_mask)
+    return sf_byte, packed
+
+
+@triton.jit
+def _store_chunk(out_x_ptr, out_sf_ptr, rows64, rmask, stride_ox, stride_osf, c: tl.constexpr,
+                 sf_byte, packed, ROWS: tl.constexpr, G: tl.constexpr):
+    """Tile ``c`` of a row: W packed bytes and G scale bytes.
+
+    ``out_sf_ptr`` is the int32 scale words viewed as bytes (little-endian: byte i of
+    word j is group 4j+i), so each scale byte is stored where it lies, no packing.
+    """
+    W: tl.constexpr = G * 8
+    offs = c * W + tl.arange(0, W)[None, :]
+    tl.store(out_x_ptr + rows64 * stride_ox + offs, tl.reshape(packed, [ROWS, W]).to(tl.uint8),
+             mask=rmask)
+    gcols = c * G + tl.arange(0, G)[None, :]
+    tl.store(out_sf_ptr + rows64 * stride_osf + gcols, sf_byte.to(tl.uint8), mask=rmask)
+
+
+@triton.jit
+def _stage_per_token_row_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
+                                stride_xw, stride_ox, stride_osf,
+                                CHUNKS: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                                IS_BF16: tl.constexpr, HW: tl.constexpr,
+                                PACKED_AMAX: tl.constexpr):
+    """ROWS whole tokens held in registers: one global read, row amax, then quantize.
+
+    A row of ``H = CHUNKS * BLOCK_H`` values is loaded as a tuple of CHUNKS register
+    tiles (Triton tiles are powers of two; 7168 = 7 * 1024 would waste 1/8 if padded),
+    all loads issued before any arithmetic so that the whole row is in flight at once.
+    The block amaxes are kept too, so the quantize pass touches no memory but the stores;
+    the row amax is one reduction over their elementwise maximum. ``out_sf_ptr`` is the
+    scale words viewed as bytes (``stride_osf`` in bytes). PACKED_AMAX (GPU only): block
+    amaxes from packed 16-bit maxima (:func:`group_amax_packed`).
+    """
+    G: tl.constexpr = BLOCK_H // 16
+    W: tl.constexpr = BLOCK_H // 2
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask1 = rows < T
+    rmask = rmask1[:, None]
+    rows64 = rows.to(tl.int64)[:, None]
+    src = x_ptr + rows64 * stride_xw + tl.arange(0, W)[None, :]
+
+    # Tuples grow by concatenation: Triton's frontend has no starred unpacking.
+    words = ()
+    for c in tl.static_range(CHUNKS):
+        words = words + (tl.load(src + c * W, mask=rmask, other=0),)  # noqa: RUF005
+    amaxes = ()
+    acc = tl.zeros([ROWS, G], tl.float32)  # NaN propagates, like torch.amax
+    for c in tl.static_range(CHUNKS):
+        if PACKED_AMAX:
+            a = group_amax_packed(words[c], ROWS, G, IS_BF16)
+        else:
+            lo, hi = pair_to_f32(words[c], IS_BF16)
+            a = _group_amax(lo, hi, ROWS, G, HW)
+        amaxes = amaxes + (a,)  # noqa: RUF005
+        acc = tl.maximum(acc, a, propagate_nan=tl.PropagateNan.ALL)
+    row_amax = nan_max_reduce(acc, 1, HW)
+    # formats: pts = max(row_amax, 1e-4) / 2688 (clamp keeps NaN, like torch.clamp)
+    clamped = tl.maximum(row_amax, 1e-4, propagate_nan=tl.PropagateNan.ALL)
+    pts = div_rn(clamped, tl.full([ROWS], 2688.0, tl.float32))
+    tl.store(out_pts_ptr + rows, pts, mask=rmask1)
+    six_pts = (6.0 * pts)[:, None]
+    pts2 = pts[:, None]
+    # Quotients x / (SF * pts) of a nonzero bf16 can round to zero only when SF * pts >= 2**16,
+    # i.e. pts > 146; below that the reciprocal form is exact (see div_by_reciprocal). The
+    # exact branch also takes rows with inf or NaN (pts inf/NaN: max(NaN) <= 128 is false).
+    if tl.max(pts, axis=0) <= 128.0:
+        rcp_six_pts = div_rn(tl.full([ROWS, 1], 1.0, tl.float32), six_pts)
+        for c in tl.static_range(CHUNKS):
+            sf_byte, packed = _quantize_chunk(words[c], amaxes[c], pts2, six_pts, rcp_six_pts,
+                                              ROWS, G, IS_BF16, HW, False)
+            _store_chunk(out_x_ptr, out_sf_ptr, rows64, rmask, stride_ox, stride_osf, c,
+                         sf_byte, packed, ROWS, G)
+    else:
+        for c in tl.static_range(CHUNKS):
+            sf_byte, packed = _quantize_chunk(words[c], amaxes[c], pts2, six_pts, six_pts,
+                                              ROWS, G, IS_BF16, HW, True)
+            _store_chunk(out_x_ptr, out_sf_ptr, rows64, rmask, stride_ox, stride_osf, c,
+                         sf_byte, packed, ROWS, G)
+
+
 @dataclass(frozen=True)
 class _Staged:
     x: torch.Tensor  # input as launched: int32 words, two 16-bit values each
@@ -204,6 +322,8 @@ def _check_staging(x: torch.Tensor, out_x: torch.Tensor, out_x_sf: torch.Tensor)
     expect(x.shape[1] <= 1 or x.stride(1) == 1, "x", "unit stride along H", x.stride())
     _check_rows("out_x", out_x, (tokens, hidden // 2), (torch.uint8, torch.int8), x.device)
     _check_rows("out_x_sf", out_x_sf, (tokens, hidden // H_MULTIPLE), (torch.int32,), x.device)
+    if out_x_sf.stride(1) != 1:  # one word per row (H = 64) with any stride: same memory
+        out_x_sf = out_x_sf.as_strided(out_x_sf.shape, (out_x_sf.stride(0), 1))
     if (tokens > 1 and x.stride(0) % 2) or x.data_ptr() % 4:
         x = x.contiguous()  # a view at an odd element offset: copy so pairs form int32 words
     return _Staged(x.view(torch.int32), x.dtype == torch.bfloat16, out_x.view(torch.uint8),
@@ -244,6 +364,15 @@ def _launch_static(s: _Staged, scale: torch.Tensor, cfg: TileConfig) -> None:
 
 def _launch_per_token(s: _Staged, out_x_scales: torch.Tensor, cfg: TileConfig) -> None:
     grid = (triton.cdiv(s.tokens, cfg.rows),)
+    if row_fits(cfg, s.hidden, s.x.device):
+        sf_bytes = s.out_x_sf.view(torch.uint8)  # [T, H/16]; row stride 4 * words
+        _stage_per_token_row_kernel[grid](
+            s.x, s.out_x, sf_bytes, out_x_scales, s.tokens,
+            s.x.stride(0), s.out_x.stride(0), sf_bytes.stride(0),
+            CHUNKS=s.hidden // cfg.block, ROWS=cfg.rows, BLOCK_H=cfg.block, IS_BF16=s.is_bf16,
+            HW=s.x.is_cuda, PACKED_AMAX=s.x.is_cuda and _config.GPU_PACKED_AMAX,
+            num_warps=cfg.num_warps)
+        return
     _stage_per_token_kernel[grid](
         s.x, s.out_x, s.out_x_sf, out_x_scales, s.tokens,
         s.x.stride(0), s.out_x.stride(0), s.out_x_sf.stride(0),
