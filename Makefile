@@ -66,8 +66,10 @@ ps: ## Show the container and its health (starting / healthy / unhealthy)
 # --- checks against a running server ------------------------------------------
 # The tools read VLLM_API_KEY from the environment (never put it on a command line);
 # on the node it comes from .env, like MODEL_DIR (bench's tokenizer) and the model name.
--include .env
+ifneq ($(wildcard .env),)
+include .env
 export VLLM_API_KEY MODEL_DIR
+endif
 URL ?= http://127.0.0.1:8000
 SMOKE_ARGS ?=
 BENCH_ARGS ?=

@@ -104,7 +104,8 @@ def _flag_value(flags: list[str], name: str) -> str | None:
 def demo_environ(served_model_name: str = "dsv4-tiny") -> dict[str, str]:
     """Process environment for a local tiny server: a fresh API key, a tiny-model name."""
     env = dict(os.environ)
-    env.setdefault("VLLM_API_KEY", secrets.token_urlsafe(16))
+    if not env.get("VLLM_API_KEY"):  # unset or empty: a fresh key for this local server
+        env["VLLM_API_KEY"] = secrets.token_urlsafe(16)
     env["SERVED_MODEL_NAME"] = served_model_name
     return env
 
