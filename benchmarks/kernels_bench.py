@@ -36,7 +36,6 @@ from dsv4_nvfp4.formats import (
 )
 from dsv4_nvfp4.kernels import (
     TileConfig,
-    _config,
     dequantize_nvfp4_to_bf16,
     stage_nvfp4_activations_per_token,
     stage_nvfp4_activations_static,
@@ -149,12 +148,6 @@ def main() -> int:
     tiles = [] if a.no_sweep else PER_TOKEN_TILES
     results += sweep("stage per-token", shape, pt_bytes, copy_st, iters, a.reps, tiles,
                      lambda c: stage_nvfp4_activations_per_token(x, ox, osf, pts, config=c))
-    if not a.no_sweep:  # block amaxes from fp32 unpacking instead of packed 16-bit maxima
-        _config.GPU_PACKED_AMAX = False
-        results += sweep("stage per-token fp32-amax", shape, pt_bytes, copy_st, iters, a.reps,
-                         [], lambda c: stage_nvfp4_activations_per_token(x, ox, osf, pts,
-                                                                          config=c))
-        _config.GPU_PACKED_AMAX = True
     results.append(row("torch formats static", shape, st_bytes, median_ms(
         lambda: quantize_nvfp4_activation_static(x, scale), a.ref_iters), copy_st, a.ref_iters))
     results.append(row("torch formats per-token", shape, pt_bytes, median_ms(

@@ -34,7 +34,6 @@ from dsv4_nvfp4.formats import (
 )
 from dsv4_nvfp4.kernels import (
     TileConfig,
-    _config,
     dequantize_nvfp4_to_bf16,
     stage_nvfp4_activations_per_token,
     stage_nvfp4_activations_static,
@@ -230,9 +229,9 @@ def test_tile_shapes_agree(rows: int, block: int, warps: int, whole_row: bool) -
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_per_token_amax_forms_agree(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Block amaxes from packed 16-bit maxima (the default) or from fp32: same bytes as formats,
-    on rows with inf, NaN, -0.0 and subnormals too."""
+def test_per_token_whole_row_edge_values(dtype: torch.dtype) -> None:
+    """The whole-row kernel (default tile) and the two-pass one on rows with inf, NaN, -0.0
+    and subnormals, bf16 and fp16: the bytes of formats on the GPU."""
     x = make_x(512, 7168, dtype, seed=21)
     x[5, 5] = float("inf")
     x[6, 17] = float("-inf")
@@ -240,12 +239,11 @@ def test_per_token_amax_forms_agree(dtype: torch.dtype, monkeypatch: pytest.Monk
     x[8, :64] = -0.0
     x[9, 100:200] = 2.0**-133 if dtype == torch.bfloat16 else 2.0**-24
     want = formats_per_token(x)
-    for packed in (True, False):
-        monkeypatch.setattr(_config, "GPU_PACKED_AMAX", packed)
-        got = run_per_token(x)
+    for cfg in (None, TileConfig(1, 1024, 4, whole_row=False)):
+        got = run_per_token(x, cfg)
         for u, v, n in zip(got[:2], want[:2], ("x", "x_sf"), strict=True):
-            assert_bytes_equal(u, v, f"{n} (packed amax {packed}) vs formats (GPU)")
-        assert float_mismatches(got[2], want[2]) == 0, f"pts (packed amax {packed})"
+            assert_bytes_equal(u, v, f"{n} ({cfg or 'default tile'}) vs formats (GPU)")
+        assert float_mismatches(got[2], want[2]) == 0, f"pts ({cfg or 'default tile'})"
 
 
 def test_writes_only_the_callers_rows() -> None:

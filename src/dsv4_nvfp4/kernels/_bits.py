@@ -77,36 +77,6 @@ def abs_max(a, b):
 
 
 @triton.jit
-def _max_u16x2(a, b):
-    """Per 16-bit half, the unsigned maximum (PTX ``max.u16x2``, sm_90+; GPU only)."""
-    return tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b],
-                                     dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def group_amax_packed(w, ROWS: tl.constexpr, G: tl.constexpr, IS_BF16: tl.constexpr):
-    """Block-16 amax of ``[ROWS, 8G]`` words of two bf16/fp16 each, on the GPU, as fp32.
-
-    With the sign bits cleared, the bit patterns of bf16/fp16 magnitudes order as
-    their values, NaN patterns above inf, so an unsigned 16-bit maximum over the
-    packed halves is torch's NaN-propagating amax (the NaN payload may differ; it
-    is NaN). One logic op and ~0.9 packed maxima per word, instead of unpacking
-    both halves to fp32 (the interpreter has no inline PTX: :func:`abs_max` there).
-    """
-    a = tl.reshape(w & 0x7FFF7FFF, [ROWS, G, 4, 2])
-    x, y = tl.split(a)
-    a = tl.reshape(_max_u16x2(x, y), [ROWS, G, 2, 2])
-    x, y = tl.split(a)
-    x, y = tl.split(_max_u16x2(x, y))
-    a = _max_u16x2(x, y)
-    m = tl.maximum(a & 0xFFFF, a >> 16)  # bit 31 is clear: a plain signed max
-    if IS_BF16:
-        return bits_f32(m << 16)
-    else:
-        return m.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
 def _nan_max(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 

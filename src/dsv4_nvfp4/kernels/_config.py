@@ -56,12 +56,9 @@ GPU_DEQUANT_BLOCK = 1024
 GPU_DEQUANT_ROWS = 2
 # Whole-row per-token kernel: at most this many tiles per row and int32 words per thread
 # (two bf16 each), so that a row stays in registers without spilling (56 words of a 7168 row
-# take 96 registers with 2 warps, compiled for sm_90).
+# take 152 registers with 2 warps, compiled for sm_90, no spills).
 MAX_ROW_CHUNKS = 16
 GPU_ROW_WORDS_PER_THREAD = 64
-# Per-token kernel on the GPU: block amaxes from packed 16-bit maxima (inline PTX) instead of
-# fp32 unpacking; the benchmark flips it to compare, the GPU tests run both.
-GPU_PACKED_AMAX = True
 # Interpreter: few, large programs.
 CPU_TILE_ELEMS = 1 << 16
 

@@ -37,7 +37,6 @@ import triton.language as tl
 from dsv4_nvfp4.formats.constants import NVFP4_GROUP
 from dsv4_nvfp4.formats.errors import expect
 
-from . import _config
 from ._bits import (
     abs_max,
     div_by_reciprocal,
@@ -46,7 +45,6 @@ from ._bits import (
     e2m1_pair_byte,
     e4m3_encode,
     e4m3_to_f32,
-    group_amax_packed,
     nan_max_reduce,
     pack_sf_words,
     pair_to_f32,
@@ -231,8 +229,7 @@ def _store_chunk(out_x_ptr, out_sf_ptr, rows64, rmask, stride_ox, stride_osf, c:
 def _stage_per_token_row_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
                                 stride_xw, stride_ox, stride_osf,
                                 CHUNKS: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
-                                IS_BF16: tl.constexpr, HW: tl.constexpr,
-                                PACKED_AMAX: tl.constexpr):
+                                IS_BF16: tl.constexpr, HW: tl.constexpr):
     """ROWS whole tokens held in registers: one global read, row amax, then quantize.
 
     A row of ``H = CHUNKS * BLOCK_H`` values is loaded as a tuple of CHUNKS register
@@ -240,8 +237,7 @@ def _stage_per_token_row_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
     all loads issued before any arithmetic so that the whole row is in flight at once.
     The block amaxes are kept too, so the quantize pass touches no memory but the stores;
     the row amax is one reduction over their elementwise maximum. ``out_sf_ptr`` is the
-    scale words viewed as bytes (``stride_osf`` in bytes). PACKED_AMAX (GPU only): block
-    amaxes from packed 16-bit maxima (:func:`group_amax_packed`).
+    scale words viewed as bytes (``stride_osf`` in bytes).
     """
     G: tl.constexpr = BLOCK_H // 16
     W: tl.constexpr = BLOCK_H // 2
@@ -258,11 +254,8 @@ def _stage_per_token_row_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
     amaxes = ()
     acc = tl.zeros([ROWS, G], tl.float32)  # NaN propagates, like torch.amax
     for c in tl.static_range(CHUNKS):
-        if PACKED_AMAX:
-            a = group_amax_packed(words[c], ROWS, G, IS_BF16)
-        else:
-            lo, hi = pair_to_f32(words[c], IS_BF16)
-            a = _group_amax(lo, hi, ROWS, G, HW)
+        lo, hi = pair_to_f32(words[c], IS_BF16)
+        a = _group_amax(lo, hi, ROWS, G, HW)
         amaxes = amaxes + (a,)  # noqa: RUF005
         acc = tl.maximum(acc, a, propagate_nan=tl.PropagateNan.ALL)
     row_amax = nan_max_reduce(acc, 1, HW)
@@ -370,8 +363,7 @@ def _launch_per_token(s: _Staged, out_x_scales: torch.Tensor, cfg: TileConfig) -
             s.x, s.out_x, sf_bytes, out_x_scales, s.tokens,
             s.x.stride(0), s.out_x.stride(0), sf_bytes.stride(0),
             CHUNKS=s.hidden // cfg.block, ROWS=cfg.rows, BLOCK_H=cfg.block, IS_BF16=s.is_bf16,
-            HW=s.x.is_cuda, PACKED_AMAX=s.x.is_cuda and _config.GPU_PACKED_AMAX,
-            num_warps=cfg.num_warps)
+            HW=s.x.is_cuda, num_warps=cfg.num_warps)
         return
     _stage_per_token_kernel[grid](
         s.x, s.out_x, s.out_x_sf, out_x_scales, s.tokens,
