@@ -1,17 +1,26 @@
 """H100: ModelOpt NVFP4 quantization of a DeepSeek V4 on a real GPU, both recipes, end to end.
 
 Runs ``dsv4-nvfp4 quantize`` with ``--device-map auto`` (accelerate, the
-multi-GPU code path) and ModelOpt's own CUDA fake-quant kernels, then:
-``verify`` the export, ``convert`` it to layout B, ``verify`` again, and
-compare every dequantized weight with the BF16 original (relative error
-``||deq - w|| / ||w||`` per tensor kind). Also checks that the CPU kernel CI
-uses (``cpu_fakequant``) agrees with ModelOpt's CUDA kernel.
+multi-GPU code path) and ModelOpt's own CUDA fake-quant kernels, then, for
+both ``--recipe experts`` and ``--recipe full``: ``verify`` the export,
+``convert`` it to layout B (``mtp.*`` grafted from layout A by
+``--mtp-from``), ``verify`` again against layout A, and compare every
+dequantized weight with the BF16 original (relative error
+``||deq - w|| / ||w||`` per tensor kind). With ``experts`` the routed experts
+of layout B must be the export's bytes and every dense linear FP8 128x128
+quantized once from BF16 (~0.026 on Gaussian weights). Also checks that the
+CPU kernel CI uses (``cpu_fakequant``) agrees with ModelOpt's CUDA kernel.
 
 The model is generated here (no download) at sizes a bit larger than the CPU
 tests' so the per-kind statistics mean something. Results go to
 ``$QUANTIZE_REPORT_DIR`` (``quantize_h100.json`` and ``.md``) when set.
 
-Run on the device machine: ``python3 -m pytest -q -s tests/gpu/test_quantize_h100.py``.
+Run on the device machine (ModelOpt, transformers and their pure-Python
+dependencies installed without network from wheels downloaded beforehand)::
+
+    python3 -m pip install -q --no-index --no-deps --target "$TMPDIR/site" WHEELS/*.whl
+    PYTHONPATH=src:"$TMPDIR/site" QUANTIZE_REPORT_DIR=REPORTS \
+        python3 -m pytest -q -s tests/gpu/test_quantize_h100.py
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ if not torch.cuda.is_available():
 from test_quantize_support import small_config  # noqa: E402
 
 from dsv4_nvfp4.checkpoint.layouts import Layout  # noqa: E402
-from dsv4_nvfp4.checkpoint.names import c_to_deepseek  # noqa: E402
+from dsv4_nvfp4.checkpoint.names import c_to_deepseek, is_mtp  # noqa: E402
 from dsv4_nvfp4.checkpoint.tiny import build, write_checkpoint  # noqa: E402
 from dsv4_nvfp4.formats import (  # noqa: E402
     dequantize_fp8_block,
@@ -125,10 +134,31 @@ def error_table(src: dict, out: dict, to_ds) -> dict[str, dict]:
             for (k, s), v in sorted(groups.items())}
 
 
-def _verify(path: Path) -> list[str]:
+def _verify(path: Path, against: Path | None = None) -> list[str]:
     from dsv4_nvfp4.checkpoint.verify import verify
 
-    return [f.line() for f in verify(path).findings]
+    return [f.line() for f in verify(path, against_path=against).findings]
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def routed_experts_identical(exported: dict, b: dict) -> tuple[int, list[str]]:
+    """Every routed-expert tensor of the export against its layout-B name, byte for byte.
+
+    ``convert`` only renames NVFP4 experts; any byte it changed would be a
+    second, unmeasured rounding. Returns (tensors compared, names that differ).
+    """
+    n, bad = 0, []
+    for name, t in exported.items():
+        ds = c_to_deepseek(name)
+        if ds is None or ".ffn.experts." not in ds:
+            continue
+        n += 1
+        if ds not in b or not torch.equal(_bytes(b[ds]), _bytes(t)):
+            bad.append(ds)
+    return n, bad
 
 
 def _snap(grid: list[float], r: float) -> float:
@@ -195,13 +225,31 @@ def test_quantize_convert_verify(srcs, recipe: str) -> None:
     res["export_errors"] = error_table(src, exported, c_to_deepseek)
     rc = main(argv)
     res["convert_rc"] = rc
-    if rc == 0:
-        res["verify_b"] = _verify(out)
-        res["b_errors"] = error_table(src, _load(out), lambda n: n)
+    assert rc == 0
+    res["verify_b"] = _verify(out, against=srcs["a"])     # also: mtp.* bytes == layout A
+    b = _load(out)
+    res["b_errors"] = error_table(src, b, lambda n: n)
+    n_exp, differ = routed_experts_identical(exported, b)
+    res["routed_expert_tensors_identical_to_export"] = f"{n_exp - len(differ)}/{n_exp}"
+    a = _load(srcs["a"])
+    mtp = [k for k in a if is_mtp(k)]
+    res["mtp_tensors_identical_to_a"] = \
+        f"{sum(k in b and torch.equal(_bytes(b[k]), _bytes(a[k])) for k in mtp)}/{len(mtp)}"
     nv = [v for k, v in res["export_errors"].items() if "[nvfp4]" in k]
     assert nv and all(0.07 < v["mean"] < 0.12 for v in nv)
-    if recipe == "full":
-        assert rc == 0 and res["verify_b"] == []
+    assert res["verify_b"] == []
+    # 16 experts x 3 projections x 4 tensors x 3 layers
+    assert n_exp == 16 * 3 * 4 * 3 and differ == []
+    assert mtp and res["mtp_tensors_identical_to_a"] == f"{len(mtp)}/{len(mtp)}"
+    if recipe == "experts":
+        fp8 = {k: v for k, v in res["b_errors"].items() if "[fp8]" in k}
+        bf16 = {k: v for k, v in res["b_errors"].items() if "[bf16]" in k}
+        # attention, indexer wq_b, shared experts (and MTP's, from A): BF16 -> FP8 once
+        assert any(k.startswith("attn.wq_a ") for k in fp8)
+        assert any(k.startswith("ffn.shared_experts.w2 ") for k in fp8)
+        assert all(v["mean"] > 0.02 and v["max"] < 0.03 for v in fp8.values()), fp8
+        # compressors, indexer weights_proj, router, embed, head: the BF16 bytes
+        assert bf16 and all(v["max"] == 0 for v in bf16.values()), bf16
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -225,4 +273,9 @@ def _write_results():
                 lines += [f"| {k} | {v['n']} | {v['mean']:.4f} | {v['max']:.4f} |"
                           for k, v in r[key].items()]
                 lines.append("")
+            for key in ("routed_expert_tensors_identical_to_export",
+                        "mtp_tensors_identical_to_a", "verify_b"):
+                if key in r:
+                    lines.append(f"{recipe}: {key}: {r[key]}")
+            lines.append("")
         (Path(d) / "quantize_h100.md").write_text("\n".join(lines) + "\n")
