@@ -12,8 +12,11 @@ dense tensors) and a 16k vocabulary: one Pro layer is 14.7 GB, of which the
 dense linears that get requantized are ~2 %, as in the full model. Fewer
 ``--experts`` raise the dense share (harder for the converter). Values are
 random bytes (valid E4M3 scales): the converter's speed does not depend on them.
+``--recipe experts`` writes the dense linears BF16 and excluded, as
+``quantize --recipe experts`` exports them (4x the dense bytes of ``full``).
 
     python benchmarks/convert_bench.py [--dir /tmp/dsv4_convert_bench] [--experts 64]
+                                       [--recipe full|experts]
 
 Everything is written under ``--dir`` and removed at the end (``--keep`` keeps it).
 """
@@ -33,10 +36,11 @@ from pathlib import Path
 import torch
 
 from dsv4_nvfp4.checkpoint.config import dims_from_config, to_transformers_config
-from dsv4_nvfp4.checkpoint.layouts import Layout, expected_tensors
+from dsv4_nvfp4.checkpoint.layouts import Layout, LayoutContext, expected_tensors
 from dsv4_nvfp4.checkpoint.quant_config import c_hf_quant_config, c_quantization_config
 from dsv4_nvfp4.checkpoint.reader import DTYPES, expected_nbytes
 from dsv4_nvfp4.checkpoint.schema import modules
+from dsv4_nvfp4.checkpoint.tiny import c_exclude
 from dsv4_nvfp4.checkpoint.tiny_model import tiny_config
 from dsv4_nvfp4.checkpoint.writer import ShardWriter
 
@@ -59,11 +63,14 @@ def synth_config(n_layers: int, n_experts: int) -> dict:
     return cfg
 
 
-def write_synthetic_c(root: Path, n_layers: int, n_experts: int) -> tuple[int, int]:
+def write_synthetic_c(root: Path, n_layers: int, n_experts: int, recipe: str = "full"
+                      ) -> tuple[int, int]:
     """Write the checkpoint; returns (bytes, largest tensor bytes)."""
     root.mkdir(parents=True)
     cfg = synth_config(n_layers, n_experts)
-    exp = expected_tensors(Layout.C, modules(dims_from_config(cfg), mtp=False))
+    exclude = c_exclude(n_layers, recipe)
+    exp = expected_tensors(Layout.C, modules(dims_from_config(cfg), mtp=False),
+                           LayoutContext(c_exclude=tuple(exclude)))
     gen = torch.Generator().manual_seed(0)
     pool = torch.randint(0, 256, (POOL,), dtype=torch.uint8, generator=gen)
     scale_pool = torch.randint(0x30, 0x7F, (POOL,), dtype=torch.uint8, generator=gen)
@@ -103,8 +110,6 @@ def write_synthetic_c(root: Path, n_layers: int, n_experts: int) -> tuple[int, i
             weight_map[name] = fname
     (root / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    exclude = ["lm_head", "model.embed_tokens",
-               *(f"model.layers.{i}.mlp.gate" for i in range(cfg["num_hidden_layers"]))]
     c_cfg = to_transformers_config(cfg)
     c_cfg["num_nextn_predict_layers"] = 1
     c_cfg["quantization_config"] = c_quantization_config(exclude)
@@ -142,6 +147,8 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dsv4_convert_bench"))
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--experts", type=int, default=384, help="per layer (Pro: 384)")
+    ap.add_argument("--recipe", choices=("full", "experts"), default="full",
+                    help="dense linears NVFP4 (full) or BF16 and excluded (experts)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -150,8 +157,8 @@ def main() -> int:
     src = args.dir / "c"
     try:
         t0 = time.perf_counter()
-        total, largest = write_synthetic_c(src, args.layers, args.experts)
-        print(f"synthetic layout C: {total / 1e9:.2f} GB in "
+        total, largest = write_synthetic_c(src, args.layers, args.experts, args.recipe)
+        print(f"synthetic layout C ({args.recipe} recipe): {total / 1e9:.2f} GB in "
               f"{len(list(src.glob('*.safetensors')))} shards, largest tensor "
               f"{largest / 1e6:.0f} MB (written in {time.perf_counter() - t0:.0f} s)")
         py = sys.executable

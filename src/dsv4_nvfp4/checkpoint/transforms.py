@@ -41,10 +41,24 @@ class DenseMode(enum.Enum):
     BF16 = "bf16"  # dequantize to BF16 and list the modules in ignored_layers
 
 
-# Rows per step of a dense conversion: ~16 M elements, so the fp32 temporaries of one
-# step stay near 64 MB whatever the tensor (V4 Pro's q_b is 65536 x 1536 = 400 MB in fp32).
-CHUNK_ELEMENTS = 1 << 24
+# Rows per step of a dense conversion: ~1 M elements (at least 128 rows), so each fp32
+# temporary of a step is ~4 MB whatever the tensor (V4 Pro's q_b is 65536 x 1536 = 400 MB
+# in fp32): the step's temporaries stay in the 32 MB L3 and the allocator reuses them
+# instead of page-faulting fresh 64 MB buffers. Measured on the 2-core CI machine,
+# 8192 x 7168 NVFP4 -> FP8: 1 M elements 0.45 s, 4 M 0.55 s, 16 M 1.4 s (one thread).
+CHUNK_ELEMENTS = 1 << 20
 ROW_ALIGN = FP8_BLOCK  # FP8 128x128 tiles must not straddle two steps
+
+
+def _amax(x: torch.Tensor) -> float:
+    """max |x| (NaN if any element is NaN) without materialising ``abs(x)``."""
+    lo, hi = torch.aminmax(x)
+    return max(-float(lo), float(hi))
+
+
+def _nanmax(a: float, b: float) -> float:
+    """max that keeps a NaN (Python's ``max`` drops it when it comes second)."""
+    return b if (b != b or b > a) else a
 
 
 class ErrorAccumulator:
@@ -57,16 +71,17 @@ class ErrorAccumulator:
         self.ref_sq = 0.0
 
     def add(self, converted: torch.Tensor, reference: torch.Tensor) -> None:
-        # Fused norms in fp32 (one temporary, the difference): the error is a report, and
-        # on 2 cores the float64 path cost more than the conversion itself.
-        ref = reference.float()
-        diff = converted.float() - ref
+        # One temporary (the difference), then one vectorised pass per statistic: aminmax
+        # for the maxima and a BLAS dot for the squares. The error is a report, and
+        # vector_norm(inf) / abs().max() / the float64 path each cost more than the
+        # conversion itself on 2 cores (measured: 0.5 ms vs 5 ms per 128 x 7168 rows).
+        ref = reference.float().reshape(-1)
+        diff = (converted.float().reshape(-1) - ref)
         if diff.numel():
-            inf = float("inf")
-            self.max_abs = max(self.max_abs, float(torch.linalg.vector_norm(diff, inf)))
-            self.ref_amax = max(self.ref_amax, float(torch.linalg.vector_norm(ref, inf)))
-            self.diff_sq += float(torch.linalg.vector_norm(diff)) ** 2
-            self.ref_sq += float(torch.linalg.vector_norm(ref)) ** 2
+            self.max_abs = _nanmax(self.max_abs, _amax(diff))
+            self.ref_amax = _nanmax(self.ref_amax, _amax(ref))
+            self.diff_sq += float(torch.dot(diff, diff))
+            self.ref_sq += float(torch.dot(ref, ref))
 
     def result(self) -> ConversionError:
         return ConversionError(
