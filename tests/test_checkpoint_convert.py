@@ -283,6 +283,43 @@ def test_to_bf16_equals_the_formats_dequantization(outs: dict[str, Path],
     assert "quantization_config" not in cfg and cfg["num_nextn_predict_layers"] == 1
 
 
+def test_streamed_copies_in_odd_pieces_give_the_same_bytes(
+        outs: dict[str, Path], tinies: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copies stream through a ring of reused buffers: pieces that split tensors anywhere
+    (1000 bytes, 2 buffers) must not change a byte, nor the manifest's sha256."""
+    monkeypatch.setattr(convert_mod, "PIECE_BYTES", 1000)
+    monkeypatch.setattr(convert_mod, "RING", 2)
+    monkeypatch.setattr(convert_mod, "dense_threads", lambda n: 1)
+    torch.set_num_threads(3)  # execute runs the dense conversions on 1 and restores this
+    got = _convert(tinies["C"], tmp_path / "CB", Target.NVFP4, mtp_from=tinies["A"])
+    assert torch.get_num_threads() == 3
+    torch.set_num_threads(1)
+    ref = outs["CB"]
+    names = sorted(f.name for f in ref.iterdir())
+    assert sorted(f.name for f in got.iterdir()) == names
+    for name in names:
+        assert (got / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_shard_writer_streams_only_what_the_plan_says(tmp_path: Path) -> None:
+    from dsv4_nvfp4.checkpoint.writer import ShardWriter
+
+    w = ShardWriter(tmp_path / "s.safetensors", [("a", "U8", (3, 4)), ("b", "F32", (2,))],
+                    fsync=False)
+    assert w.begin("a", "U8", (3, 4)) == 12
+    w.piece(memoryview(bytes(range(5))))
+    with pytest.raises(RuntimeError, match="7 owed to a"):
+        w.piece(memoryview(bytes(8)))
+    with pytest.raises(RuntimeError, match="b begun with 7 bytes of a still owed"):
+        w.begin("b", "F32", (2,))
+    w.piece(memoryview(bytes(range(5, 12))))
+    with pytest.raises(RuntimeError, match="planned b F32 \\[2\\], got b BF16 \\[2\\]"):
+        w.begin("b", "BF16", (2,))
+    w.abort()
+    assert not list(tmp_path.iterdir())
+
+
 # --- pure per-module functions --------------------------------------------------------------
 
 
@@ -398,15 +435,18 @@ def test_rerun_of_a_complete_conversion_does_nothing(outs: dict[str, Path], tini
 _KILLER = """
 import os, signal, sys
 from dsv4_nvfp4.checkpoint import convert, writer
-real = writer.ShardWriter.write
 count = 0
-def write(self, name, t):
-    global count
-    count += 1
-    if count == {kill_at}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, name, t)
-writer.ShardWriter.write = write
+def killing(real):
+    # every output tensor starts with write (converted) or begin (streamed copy)
+    def wrapped(self, name, *rest):
+        global count
+        count += 1
+        if count == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, name, *rest)
+    return wrapped
+writer.ShardWriter.write = killing(writer.ShardWriter.write)
+writer.ShardWriter.begin = killing(writer.ShardWriter.begin)
 sys.exit(convert.main({argv!r}))
 """
 

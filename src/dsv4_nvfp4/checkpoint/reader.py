@@ -271,16 +271,15 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 class TensorReader:
     """Reads tensors with ``pread``; keeps one fd per shard open.
 
-    :meth:`read` returns a tensor in a fresh buffer. :meth:`read_many` reads a
-    group into one reused arena: first-touch page faults on fresh memory cost
-    more than the read itself (1.3 vs 8 GB/s measured on the CI machine), so the
-    converter's copy path reuses one buffer — its tensors are valid only until
-    the next ``read_many``.
+    :meth:`read` returns a tensor in a fresh buffer. :meth:`read_range` fills a
+    caller's buffer with part of a tensor: first-touch page faults on fresh
+    memory cost more than the read itself (1.3 vs 8 GB/s measured on the CI
+    machine), so the converter's copy path streams through a few reused,
+    cache-sized buffers.
     """
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
-        self._arenas: dict[int, torch.Tensor] = {}
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -294,16 +293,23 @@ class TensorReader:
         if given."""
         if buf is None:
             buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        self.read_range(info, 0, memoryview(buf.numpy()))
+        return buf
+
+    def read_range(self, info: TensorInfo, start: int, view: memoryview) -> None:
+        """Fill ``view`` with the tensor's bytes from ``start`` (the converter's copy pieces)."""
         fd = self._fd(info.file)
+        want = len(view)
+        if start + want > info.nbytes:
+            raise ValueError(f"{info.name}: bytes {start}..{start + want} beyond {info.nbytes}")
         done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.begin + done)
+        while done < want:
+            n = os.preadv(fd, [view[done:]], info.begin + start + done)
             if n <= 0:
                 raise CheckpointError(f"{info.file.name}: {info.name}: expected {info.nbytes} "
-                                      f"bytes, found end of file after {done} (truncated)")
+                                      f"bytes, found end of file after {start + done} "
+                                      "(truncated)")
             done += n
-        return buf
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         """The tensor in its stored dtype and shape (F8_E8M0 as ``float8_e8m0fnu``)."""
@@ -312,24 +318,6 @@ class TensorReader:
             raise CheckpointError(f"{info.file.name}: {info.name}: expected a dtype torch can "
                                   f"hold, found {info.dtype}")
         return self.raw(info).view(dt).reshape(info.shape)
-
-    def read_many(self, infos: list[TensorInfo], slot: int = 0) -> dict[str, torch.Tensor]:
-        """Several tensors in arena ``slot`` (valid until the next call with that slot)."""
-        need = sum(-(-t.nbytes // 64) * 64 for t in infos)
-        arena = self._arenas.get(slot)
-        if arena is None or arena.numel() < need:
-            self._arenas.pop(slot, None)  # free the old one first
-            arena = self._arenas[slot] = torch.empty(need, dtype=torch.uint8)
-        out, pos = {}, 0
-        for t in infos:
-            dt = DTYPES[t.dtype][0]
-            if dt is None or t.dtype == "F4":
-                raise CheckpointError(f"{t.file.name}: {t.name}: expected a dtype torch can "
-                                      f"hold, found {t.dtype}")
-            buf = self.raw(t, arena[pos:pos + t.nbytes])
-            out[t.name] = buf.view(dt).reshape(t.shape)
-            pos += -(-t.nbytes // 64) * 64
-        return out
 
     def close(self) -> None:
         for fd in self._fds.values():

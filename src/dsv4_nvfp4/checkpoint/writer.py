@@ -48,6 +48,11 @@ class ShardWriter:
     step of a copy): ``write`` returns that tensor's hash future, and a buffer
     passed to ``write`` must not be reused before its future is done.
 
+    A tensor can also be streamed in pieces: :meth:`begin` (checked against
+    the plan like ``write``), then :meth:`piece` until its bytes are complete —
+    the converter's copy path, so that bytes are read, written and hashed while
+    they are still in the CPU cache.
+
     ``finish`` flushes and returns the sha256; ``commit`` then fsyncs and
     renames to the final name — separate so that a caller can overlap the
     fsync of one shard with writing the next. ``close`` does both.
@@ -60,6 +65,7 @@ class ShardWriter:
         self.entries = entries
         self.fsync = fsync
         self._next = 0
+        self._open = 0  # bytes still owed to the tensor being streamed by piece()
         self._sha = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self._last: Future | None = None
@@ -76,21 +82,40 @@ class ShardWriter:
         if self._last is not None:
             self._last.result()
 
-    def write(self, name: str, t: torch.Tensor) -> Future:
+    def _check_next(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        if self._open:
+            raise RuntimeError(f"{self.path.name}: {name} begun with {self._open} bytes of "
+                               f"{self.entries[self._next - 1][0]} still owed")
         if self._next >= len(self.entries):
             raise RuntimeError(f"{self.path.name}: {name} is beyond the planned tensors")
         want_name, want_dtype, want_shape = self.entries[self._next]
-        got_dtype = st_dtype(t)
-        if name != want_name or got_dtype != want_dtype or tuple(t.shape) != want_shape:
+        if name != want_name or dtype != want_dtype or tuple(shape) != want_shape:
             raise RuntimeError(f"{self.path.name}: planned {want_name} {want_dtype} "
-                               f"{list(want_shape)}, got {name} {got_dtype} {list(t.shape)}")
-        data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                               f"{list(want_shape)}, got {name} {dtype} {list(shape)}")
         self._next += 1
+
+    def write(self, name: str, t: torch.Tensor) -> Future:
+        self._check_next(name, st_dtype(t), tuple(t.shape))
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         return self._emit(memoryview(data))
+
+    def begin(self, name: str, dtype: str, shape: tuple[int, ...]) -> int:
+        """Start streaming the next planned tensor; returns the bytes :meth:`piece` owes."""
+        self._check_next(name, dtype, shape)
+        self._open = expected_nbytes(dtype, shape)
+        return self._open
+
+    def piece(self, data: memoryview) -> Future:
+        """The next bytes of the tensor begun; ``data`` must not change before the future."""
+        if len(data) > self._open:
+            raise RuntimeError(f"{self.path.name}: {len(data)} bytes given, {self._open} owed "
+                               f"to {self.entries[self._next - 1][0]}")
+        self._open -= len(data)
+        return self._emit(data)
 
     def finish(self) -> str:
         """Every planned tensor written: flush and return the sha256 (still the temp name)."""
-        if self._next != len(self.entries):
+        if self._next != len(self.entries) or self._open:
             self.abort()
             raise RuntimeError(f"{self.path.name}: wrote {self._next} of "
                                f"{len(self.entries)} planned tensors")
