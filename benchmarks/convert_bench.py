@@ -154,6 +154,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.dir.exists():
         shutil.rmtree(args.dir)
+    print("load average at start " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     src = args.dir / "c"
     try:
         t0 = time.perf_counter()
@@ -188,12 +189,15 @@ def main() -> int:
                       f"{total / dt / 1e9:6.3f} GB/s  (on disk: {synced:6.1f} s)  "
                       f"peak RSS {rss / 1e9:5.2f} GB", flush=True)
         print(f"median of {args.repeat} (rotated order, after a warm-up); 'on disk' adds the "
-              "sync of what each left in the page cache")
+              "sync of what each left in the page cache; load average "
+              + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores")
         med = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
         med_s = {k: statistics.median(r[1] for r in v) for k, v in results.items()}
         for label in results:
             gbs = total / med[label] / 1e9
+            lo, hi = min(r[0] for r in results[label]), max(r[0] for r in results[label])
             print(f"  {label:34s} {gbs:6.3f} GB/s {med[COPY] / med[label]:5.2f}x copy"
+                  f" ({med[label]:.1f} s, {lo:.1f}-{hi:.1f})"
                   f" | on disk {total / med_s[label] / 1e9:6.3f} GB/s "
                   f"{med_s[COPY] / med_s[label]:5.2f}x | peak RSS "
                   f"{max(r[2] for r in results[label]) / 1e9:5.2f} GB")
