@@ -48,7 +48,7 @@ from dsv4_nvfp4.formats import ConversionError, FormatError
 from .config import dims_from_config, to_deepseek_config
 from .errors import CheckpointError, fail
 from .layouts import Layout, LayoutContext, storage_for, stored_name
-from .names import is_mtp, vllm_module
+from .names import is_mtp
 from .quant_config import a_quantization_config, b_hf_quant_config, b_quantization_config
 from .reader import (
     INDEX_NAME,
@@ -58,8 +58,15 @@ from .reader import (
     expected_nbytes,
     open_checkpoint,
 )
-from .schema import Module, Role, Storage, expand, expert_parts, modules
-from .transforms import DenseMode, b_context, convert_parts, mxfp4_experts_to_nvfp4
+from .schema import Module, Storage, expand, expert_parts, modules
+from .transforms import (
+    DenseMode,
+    b_context,
+    c_to_b_config,
+    check_w13_global_scales,
+    convert_parts,
+    mxfp4_experts_to_nvfp4,
+)
 from .verify import structure
 from .writer import ShardWriter, sha256_file, write_text_atomic
 
@@ -316,10 +323,7 @@ def _check_c_w13(r: TensorReader, m: Module, ck: Checkpoint,
     w3 = pairs[(ep[0], ep[1])][3]
     a = ck.tensors[f"{stored_name(Layout.C, m.name)}.weight_scale_2"]
     b = ck.tensors[f"{stored_name(Layout.C, w3.name)}.weight_scale_2"]
-    if not torch.equal(r.raw(a), r.raw(b)):
-        raise CheckpointError(f"{b.file.name}: {b.name}: expected the gate_proj's "
-                              f"weight_scale_2 {r.read(a).item()!r} (vLLM fuses gate/up with one "
-                              f"global scale), found {r.read(b).item()!r}")
+    check_w13_global_scales(a.name, r.read(a), b.name, r.read(b), b.file.name)
 
 
 def _plan_mtp(mtp_from: Path | None, d, target: Target, config: dict
@@ -347,6 +351,10 @@ def _plan_mtp(mtp_from: Path | None, d, target: Target, config: dict
 
 def _out_config(ck: Checkpoint, layout: Layout, target: Target, dense: DenseMode,
                 mods: list[Module], dst_ctx: LayoutContext) -> dict:
+    if layout is Layout.C and target is Target.NVFP4:
+        cfg, hf_quant = c_to_b_config(ck.config, dense)
+        cfg["_hf_quant"] = hf_quant
+        return cfg
     cfg = dict(ck.config)
     cfg.pop("quantization_config", None)
     if layout is not Layout.C:
@@ -358,10 +366,7 @@ def _out_config(ck: Checkpoint, layout: Layout, target: Target, dense: DenseMode
     cfg["expert_dtype"] = "fp4"
     base = ck.config.get("quantization_config") if layout is Layout.A else None
     quantized = [m.name for m in mods if storage_for(Layout.B, m, dst_ctx) is Storage.NVFP4]
-    ignored = sorted({vllm_module(m.name) for m in mods if m.role is Role.DENSE
-                      and storage_for(Layout.B, m, dst_ctx) is Storage.BF16} - {None})
-    cfg["quantization_config"] = b_quantization_config(base or a_quantization_config(), quantized,
-                                                       ignored if dense is DenseMode.BF16 else None)
+    cfg["quantization_config"] = b_quantization_config(base or a_quantization_config(), quantized)
     cfg["_hf_quant"] = b_hf_quant_config(quantized)
     return cfg
 

@@ -27,9 +27,12 @@ from dsv4_nvfp4.formats import (
     quantize_fp8_block,
 )
 
+from .config import dims_from_config, to_deepseek_config
+from .errors import CheckpointError
 from .layouts import Layout, LayoutContext, storage_for
-from .names import c_to_deepseek
-from .schema import Module, Role, Storage, role_of
+from .names import c_to_deepseek, vllm_module
+from .quant_config import a_quantization_config, b_hf_quant_config, b_quantization_config
+from .schema import Module, Role, Storage, modules, role_of
 
 E8M0 = torch.float8_e8m0fnu
 
@@ -183,6 +186,20 @@ def mxfp4_experts_to_nvfp4(parts: list[dict[str, torch.Tensor]],
     return out, lossy
 
 
+def check_w13_global_scales(gate_name: str, gate: torch.Tensor, up_name: str, up: torch.Tensor,
+                            where: str) -> None:
+    """Gate (w1) and up (w3) of one NVFP4 expert must share ``weight_scale_2``.
+
+    vLLM fuses them into one GEMM with one global scale (w1's), so C experts,
+    copied byte-identical, must already agree; ModelOpt's export fuses their amax.
+    """
+    if not torch.equal(gate.reshape(-1).float(), up.reshape(-1).float()):
+        raise CheckpointError(
+            f"{where}: {up_name}: expected the gate_proj's weight_scale_2 "
+            f"{float(gate.reshape(-1)[0])!r} (of {gate_name}: vLLM fuses gate/up with one "
+            f"global scale), found {float(up.reshape(-1)[0])!r}")
+
+
 def b_context(dense: DenseMode) -> LayoutContext:
     """Layout-B rule of a conversion: ``--dense bf16`` makes every non-MTP dense linear BF16."""
     return LayoutContext(all_dense_bf16=dense is DenseMode.BF16)
@@ -219,4 +236,30 @@ def c_to_b_module(c_module: str, parts: dict[str, torch.Tensor],
     return {f"{ds}.{k}": v for k, v in out.items()}, err
 
 
-__all__ = ["DenseMode", "Role", "c_to_b_module", "convert_parts", "mxfp4_experts_to_nvfp4"]
+def c_to_b_config(c_config: dict, dense: DenseMode = DenseMode.FP8,
+                  mtp_ratios: tuple[int, ...] = ()) -> tuple[dict, dict]:
+    """``(config.json, hf_quant_config.json)`` of the layout-B checkpoint a layout-C one becomes.
+
+    The config is in DeepSeek's dialect (what vLLM 0.32.0 reads), with
+    ``expert_dtype: fp4`` and layout B's ``quantization_config`` listing every
+    routed expert as NVFP4 (and, for ``dense`` BF16, the dense modules in
+    ``ignored_layers``). ``mtp_ratios`` are the grafted MTP layers' ratios; without
+    them ``num_nextn_predict_layers`` is 0. ``convert`` writes this; the vLLM
+    plugin presents it to vLLM when it serves a layout-C directory as is.
+    """
+    d = dims_from_config({**c_config, "num_nextn_predict_layers": 0})
+    ctx = b_context(dense)
+    mods = modules(d, mtp=False)
+    quantized = [m.name for m in mods if storage_for(Layout.B, m, ctx) is Storage.NVFP4]
+    ignored = sorted({vllm_module(m.name) for m in mods if m.role is Role.DENSE
+                      and storage_for(Layout.B, m, ctx) is Storage.BF16} - {None})
+    cfg = dict(c_config)
+    cfg.pop("quantization_config", None)
+    cfg["expert_dtype"] = "fp4"
+    cfg["quantization_config"] = b_quantization_config(a_quantization_config(), quantized,
+                                                       ignored or None)
+    return to_deepseek_config(cfg, mtp_ratios), b_hf_quant_config(quantized)
+
+
+__all__ = ["DenseMode", "Role", "c_to_b_config", "c_to_b_module", "convert_parts",
+           "mxfp4_experts_to_nvfp4"]
