@@ -299,3 +299,48 @@ def test_eplb_is_refused(vllm_env) -> None:  # type: ignore[no-untyped-def]
     object.__setattr__(vc, "parallel_config", par)
     with pytest.raises(NotImplementedError, match="EPLB is not supported"):
         _experts(classes()[1], vc, "eplb")
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _finalized(vc, tensors: dict[str, torch.Tensor], tag: str):  # type: ignore[no-untyped-def]
+    from dsv4_nvfp4.vllm_plugin.nvfp4_mega_experts import classes
+
+    backend_cls, experts_cls = classes()
+    ex = _experts(experts_cls, vc, tag)
+    names = _load(ex, vc, tensors)
+    ex._backend = backend_cls()
+    ex.finalize_weights()
+    return ex, names
+
+
+def test_layout_c_experts_load_into_the_same_kernel_operands(vllm_env, checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """The same experts exported as layout C, streamed C -> B at load: identical operands.
+
+    A layout-C export shares one ``weight_scale_2`` between gate and up (ModelOpt
+    fuses their amax; the stream refuses anything else, as ``convert`` does), so
+    the layout-B reference here takes w1's for w3 too.
+    """
+    from dsv4_nvfp4.checkpoint.c_stream import LayoutCStream
+    from dsv4_nvfp4.checkpoint.names import deepseek_to_c
+    from dsv4_nvfp4.checkpoint.quant_config import c_quantization_config
+
+    b = {n: (checkpoint[n.replace(".w3.", ".w1.")] if n.endswith("w3.weight_scale_2") else t)
+         for n, t in checkpoint.items()}
+    c = dict(sorted((deepseek_to_c(n), t) for n, t in b.items()))
+    assert next(iter(c)).startswith(f"model.layers.{LAYER}.mlp.experts.")
+    stream = LayoutCStream.from_config({"quantization_config": c_quantization_config([])},
+                                       None, c)
+    from_c = dict(stream.convert(c.items()))
+    assert from_c.keys() == b.keys()
+    assert all(torch.equal(_raw(from_c[n]), _raw(b[n])) for n in b)
+    ex, names = _finalized(vllm_env, from_c, "from-c")
+    ref, ref_names = _finalized(vllm_env, b, "from-b")
+    assert names == ref_names and len(names) == 8
+    for x, y in ((ex._transformed_l1_weights, ref._transformed_l1_weights),
+                 (ex._transformed_l2_weights, ref._transformed_l2_weights)):
+        assert all(torch.equal(_raw(p), _raw(q)) for p, q in zip(x, y, strict=True))
+    for field in ("a1", "l1_alphas", "l2_alphas", "a2_scales"):
+        assert torch.equal(getattr(ex._alphas, field), getattr(ref._alphas, field)), field

@@ -60,19 +60,24 @@ def test_vllm_loader_discovers_and_runs_register_once() -> None:
         print("line", mine[0])
         from vllm.model_executor.models.registry import ModelRegistry
         print("lazy", ModelRegistry.models["DeepseekV4ForCausalLM"])
+        from vllm.transformers_utils.config import get_config_parser
+        print("parser", type(get_config_parser("hf")).__qualname__)
         """
     )
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
     assert lines["entry"] == "dsv4_nvfp4.vllm_plugin:register"
     # vLLM's loader ran our register(): everything is registered ...
     assert lines["registered"] == ("model:DeepseekV4ForCausalLM,model:DeepSeekV4MTPModel,"
-                                   "quant_config:deepseek_v4_fp8,patch:cpu_tile_scheduler_keys")
+                                   "quant_config:deepseek_v4_fp8,config_parser:hf,"
+                                   "patch:cpu_tile_scheduler_keys")
     # ... repeated calls did the work exactly once, agree, and logged one line
     assert lines["calls"] == "1 True"
     assert lines["lines"] == "1"
     assert lines["line"] == ("dsv4_nvfp4 plugin registered: model:DeepseekV4ForCausalLM, "
                              "model:DeepSeekV4MTPModel, quant_config:deepseek_v4_fp8, "
-                             "patch:cpu_tile_scheduler_keys")
+                             "config_parser:hf, patch:cpu_tile_scheduler_keys")
+    # vLLM's "hf" config parser is ours (it hands every non-layout-C config to vLLM's)
+    assert lines["parser"] == "parser_class.<locals>.Dsv4Nvfp4ConfigParser"
     # the model class is registered lazily (module:Class), not imported at plugin load
     assert lines["lazy"] == ("_LazyRegisteredModel(module_name='dsv4_nvfp4.vllm_plugin."
                              "deepseek_v4', class_name='DeepseekV4ForCausalLM')")

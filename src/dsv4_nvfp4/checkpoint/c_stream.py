@@ -135,8 +135,11 @@ class LayoutCStream:
         pending: dict[str, dict[str, torch.Tensor]] = {}
         modules: dict[str, tuple[Module, frozenset[str]]] = {}
         gate_up: dict[tuple[str, int], dict[int, tuple[str, torch.Tensor]]] = {}
+        done: set[str] = set()
         for name, tensor in tensors:
             c_module, part, m = split_c_name(name, self.where)
+            if c_module in done:
+                raise CheckpointError(f"{self.where}: {name}: expected once, found twice")
             if c_module not in modules:
                 modules[c_module] = (m, self.expected_parts(c_module, m))
             m, expected = modules[c_module]
@@ -151,6 +154,7 @@ class LayoutCStream:
                 self._check_gate_up(gate_up, m, name, tensor)
             if len(got) == len(expected):
                 out, err = c_to_b_module(c_module, pending.pop(c_module), self.dense)
+                done.add(c_module)
                 self.report.add(m.name, err)
                 self.report.tensors_out += len(out)
                 yield from out.items()

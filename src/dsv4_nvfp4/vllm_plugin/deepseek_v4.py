@@ -16,6 +16,9 @@ What the subclasses add:
   ``DeepseekV4MegaMoEExperts`` for every layer whose checkpoint experts are NVFP4.
   The MTP subclass does the same for the draft layer (its experts usually stay
   MXFP4 and keep vLLM's class).
+* Every platform: a layout-C directory (ModelOpt's full-NVFP4 export), which
+  :mod:`.layout_c` presents to vLLM as layout B, streams its weights through the
+  same per-module C → B conversion as ``dsv4-nvfp4 convert``.
 * CPU: vLLM's CPU weight mapper renames every ``.input_scale`` to
   ``.input_scale_2``; NVFP4 experts register ``w13_input_scale``/``w2_input_scale``,
   so expert input scales keep their name (:func:`keep_expert_input_scale`).
@@ -29,7 +32,7 @@ import copy
 import dataclasses
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -193,6 +196,15 @@ def build_overlay_classes(base: type, mtp_base: type) -> dict[str, type]:
             mapper = getattr(self, "hf_to_vllm_mapper", None)
             if not nvidia and mapper is not None:
                 self.hf_to_vllm_mapper = keep_expert_input_scale(mapper)
+            self.dsv4_model_config = vllm_config.model_config
+
+        def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+            """vLLM's loader; a layout-C directory streams in through the C -> B conversion."""
+            from dsv4_nvfp4.vllm_plugin.layout_c import layout_b_weights, serves_layout_c
+
+            if serves_layout_c(self.dsv4_model_config.hf_config):
+                weights = layout_b_weights(self.dsv4_model_config, weights)
+            return super().load_weights(weights)
 
     out: dict[str, type] = {"DeepseekV4ForCausalLM": DeepseekV4ForCausalLM}
     if nvidia:

@@ -4,6 +4,8 @@
   (``ModelRegistry.register_model`` with lazy ``module:Class`` strings);
 * the checkpoint-aware ``deepseek_v4_fp8`` quantization config
   (:mod:`.quant_config`), registered when vLLM imports its base class;
+* the layout-C config parser (:mod:`.layout_c`), registered as vLLM's ``hf``
+  parser when vLLM imports ``vllm.transformers_utils.config``;
 * the runtime patches of :mod:`.patch_register`, applied when their module is imported.
 """
 
@@ -35,9 +37,17 @@ def register_quant_config() -> list[str]:
     return [f"quant_config:{quant_config.QUANT_NAME}"]
 
 
+def register_layout_c_parser() -> list[str]:
+    from dsv4_nvfp4.vllm_plugin import layout_c
+
+    when_imported("vllm.transformers_utils.config", layout_c.register_parser)
+    return [f"config_parser:{layout_c.CONFIG_FORMAT}"]
+
+
 def register_all() -> list[str]:
     """Register everything; returns one label per item (logged by ``register()``)."""
     names = register_models()
     names += register_quant_config()
+    names += register_layout_c_parser()
     names += [f"patch:{name}" for name in install(all_patches())]
     return names

@@ -1,0 +1,147 @@
+"""Serve a layout-C directory (ModelOpt's full-NVFP4 export) as is: vLLM sees layout B.
+
+Stock vLLM 0.32.0 cannot even parse layout C's config (transformers' dialect:
+``layer_types``, ``mlp_layer_types: hash_moe|moe`` fails its config class's
+validation), and its tensors carry transformers names and NVFP4 dense
+linears. With this plugin the user may skip ``dsv4-nvfp4 convert``: vLLM
+builds exactly the model it builds for the converted (layout-B) checkpoint, and
+the weights are converted while they stream in. Two seams, one implementation:
+
+1. **Config.** vLLM's ``hf`` config parser is replaced (its public
+   ``register_config_parser``; vLLM logs that it was overwritten) by a subclass
+   that hands every config to vLLM's own parser, except a DeepSeek V4 config
+   whose ``quantization_config`` is ModelOpt's (``quant_method: modelopt`` —
+   layout C). For that one it returns the config ``convert`` would write
+   (:func:`dsv4_nvfp4.checkpoint.transforms.c_to_b_config`: DeepSeek dialect,
+   ``expert_dtype: fp4``, layout B's ``quantization_config``), marked with
+   ``dsv4_nvfp4_source_layout: "C"``. Returning the layout-B *dict* matters:
+   ``get_config`` sets ``hf_config.quantization_config`` from it and turns on
+   DeepGEMM's UE8M0 path from its ``scale_fmt``.
+2. **Weights.** The model overlay's ``load_weights`` passes vLLM's
+   ``(name, tensor)`` stream through
+   :class:`dsv4_nvfp4.checkpoint.c_stream.LayoutCStream`, which hands each
+   complete module to ``c_to_b_module`` — the per-module conversion ``convert``
+   runs — so vLLM's loader receives layout-B tensors under DeepSeek names.
+
+Layout C has no ``mtp.*`` (transformers never builds the MTP layer), so an MTP
+draft of a layout-C directory is refused when vLLM parses the draft's config,
+with one line naming ``convert --mtp-from``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("vllm.dsv4_nvfp4.layout_c")
+
+SOURCE_KEY = "dsv4_nvfp4_source_layout"
+CONFIG_FORMAT = "hf"
+
+
+def is_layout_c_config(config_dict: dict[str, Any]) -> bool:
+    """A DeepSeek V4 config with ModelOpt's ``quantization_config``: a layout-C export."""
+    qc = config_dict.get("quantization_config")
+    return (config_dict.get("model_type") == "deepseek_v4" and isinstance(qc, dict)
+            and str(qc.get("quant_method", "")).lower() == "modelopt")
+
+
+def mtp_refusal(model: str) -> str:
+    """The one line a layout-C directory with ``--speculative-config`` method mtp gets."""
+    return (f"dsv4_nvfp4: {model} is a layout C checkpoint (ModelOpt full-NVFP4 export), which "
+            "has no mtp.* weights, so MTP speculative decoding cannot run from it: graft them "
+            f"with `dsv4-nvfp4 convert {model} OUT --to nvidia-nvfp4 --mtp-from NATIVE` (NATIVE: "
+            "the original DeepSeek V4 checkpoint) and serve OUT, or drop --speculative-config")
+
+
+def is_mtp_draft(hf_overrides: Any) -> bool:
+    """Is vLLM parsing this config for a speculative draft (``SpeculativeConfig``'s override)?"""
+    from vllm.config.speculative import SpeculativeConfig
+
+    if hf_overrides is SpeculativeConfig.hf_config_override:
+        return True
+    return (isinstance(hf_overrides, functools.partial)
+            and hf_overrides.func is SpeculativeConfig._apply_composed_hf_override)
+
+
+def layout_b_view(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The config vLLM gets for a layout-C ``config_dict``: ``convert``'s layout-B config."""
+    from dsv4_nvfp4.checkpoint.transforms import c_to_b_config
+
+    b_config, _ = c_to_b_config(config_dict)
+    b_config[SOURCE_KEY] = "C"
+    return b_config
+
+
+@functools.cache
+def parser_class() -> type:
+    """vLLM's ``HFConfigParser`` plus the layout-C view (see the module docstring)."""
+    import huggingface_hub
+    from transformers import PretrainedConfig
+    from vllm.transformers_utils.config import HFConfigParser
+    from vllm.transformers_utils.configs.deepseek_v4 import DeepseekV4Config
+
+    class Dsv4Nvfp4ConfigParser(HFConfigParser):
+        """vLLM's HF config parser; a layout-C DeepSeek V4 config comes back as layout B."""
+
+        def parse(self, model: str | Path, trust_remote_code: bool, revision: str | None = None,
+                  code_revision: str | None = None, **kwargs: Any
+                  ) -> tuple[dict[str, Any], Any]:
+            read_kwargs = {k: v for k, v in kwargs.items()
+                           if k not in ("hf_overrides", "trust_remote_code")}
+            read_kwargs["local_files_only"] = huggingface_hub.constants.HF_HUB_OFFLINE
+            config_dict, _ = PretrainedConfig.get_config_dict(
+                model, revision=revision, code_revision=code_revision, **read_kwargs)
+            if not is_layout_c_config(config_dict):
+                return super().parse(model, trust_remote_code, revision, code_revision, **kwargs)
+            if is_mtp_draft(kwargs.get("hf_overrides")):
+                raise ValueError(mtp_refusal(str(model)))
+            b_config = layout_b_view(config_dict)
+            # from_dict keeps (and transformers' rope validation edits) the dicts it is given
+            config = DeepseekV4Config.from_dict(copy.deepcopy(b_config), name_or_path=str(model))
+            logger.info("dsv4_nvfp4: %s is layout C (ModelOpt full-NVFP4 export); vLLM serves it "
+                        "as layout B, converting each module as it loads (no MTP layer)", model)
+            return b_config, config
+
+    return Dsv4Nvfp4ConfigParser
+
+
+def register_parser(module: Any) -> None:
+    """Post-import hook body for ``vllm.transformers_utils.config``."""
+    module.register_config_parser(CONFIG_FORMAT)(parser_class())
+
+
+def serves_layout_c(hf_config: Any) -> bool:
+    """Did our parser present this model's layout-C directory as layout B?"""
+    return getattr(hf_config, SOURCE_KEY, None) == "C"
+
+
+def local_model_dir(model: str, revision: str | None) -> Path:
+    """The directory holding the checkpoint vLLM is loading (a local path or the HF cache)."""
+    if os.path.isdir(model):
+        return Path(model)
+    import huggingface_hub
+
+    # vLLM downloaded the weights before calling load_weights: the snapshot is cached.
+    return Path(huggingface_hub.snapshot_download(model, revision=revision,
+                                                  local_files_only=True))
+
+
+def layout_b_weights(model_config: Any, weights: Iterable[tuple[str, torch.Tensor]]
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """vLLM's layout-C weight stream as the layout-B stream ``convert`` would have written.
+
+    Logs one summary line when the stream ends.
+    """
+    from dsv4_nvfp4.checkpoint.c_stream import LayoutCStream
+
+    stream = LayoutCStream.open(local_model_dir(model_config.model, model_config.revision))
+    yield from stream.convert(weights)
+    logger.info("dsv4_nvfp4: %s", stream.report.line())

