@@ -85,6 +85,15 @@ def test_stream_order_does_not_matter(dirs) -> None:  # type: ignore[no-untyped-
     assert_same_tensors(got, dict(shard_stream(b)))
 
 
+def test_device_path(dirs) -> None:  # type: ignore[no-untyped-def]
+    """With a device, re-encoded modules round-trip through it (CUDA: tests/gpu)."""
+    c, b = dirs["full"]
+    stream = LayoutCStream.open(c, device="cpu")
+    got = dict(stream.convert(shard_stream(c)))
+    assert_same_tensors(got, dict(shard_stream(b)))
+    assert all(t.device.type == "cpu" for t in got.values())
+
+
 def test_stream_emits_each_module_when_complete(dirs) -> None:  # type: ignore[no-untyped-def]
     """Nothing waits for the end: output starts after the first module's parts."""
     c, _ = dirs["full"]

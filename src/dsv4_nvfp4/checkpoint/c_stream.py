@@ -101,17 +101,25 @@ class LayoutCStream:
     ctx: LayoutContext
     dense: DenseMode = DenseMode.FP8
     where: str = "checkpoint"
+    device: torch.device | str | None = None
     report: StreamReport = field(default_factory=StreamReport)
 
     @classmethod
     def from_config(cls, config: dict, hf_quant: dict | None, names: Iterable[str],
-                    dense: DenseMode = DenseMode.FP8, where: str = "checkpoint"
-                    ) -> LayoutCStream:
-        """From ``config.json``, ``hf_quant_config.json`` and every tensor name it holds."""
-        return cls(LayoutContext.from_config(config, hf_quant, list(names)), dense, where)
+                    dense: DenseMode = DenseMode.FP8, where: str = "checkpoint",
+                    device: torch.device | str | None = None) -> LayoutCStream:
+        """From ``config.json``, ``hf_quant_config.json`` and every tensor name it holds.
+
+        ``device``: where modules that are re-encoded (not just renamed) are
+        converted; the formats functions give the same bits on CPU and CUDA (a GPU
+        test checks it), and the outputs come back to the CPU like the rest.
+        """
+        return cls(LayoutContext.from_config(config, hf_quant, list(names)), dense, where,
+                   device)
 
     @classmethod
-    def open(cls, path: str | Path, dense: DenseMode = DenseMode.FP8) -> LayoutCStream:
+    def open(cls, path: str | Path, dense: DenseMode = DenseMode.FP8,
+             device: torch.device | str | None = None) -> LayoutCStream:
         """From a checkpoint directory (headers only); refuses anything but a clean layout C."""
         ck = open_checkpoint(path)
         if ck.problems:
@@ -121,7 +129,7 @@ class LayoutCStream:
             raise CheckpointError(f"{path}: expected a layout C checkpoint (transformers names), "
                                   f"found layout {layout.name}")
         return cls.from_config(ck.config, ck.json_file("hf_quant_config.json"), ck.tensors,
-                               dense, str(path))
+                               dense, str(path), device)
 
     def expected_parts(self, c_module: str, m: Module) -> frozenset[str]:
         """The parts module ``c_module`` (DeepSeek ``m``) has in this checkpoint."""
@@ -153,7 +161,7 @@ class LayoutCStream:
             if part == "weight_scale_2":
                 self._check_gate_up(gate_up, m, name, tensor)
             if len(got) == len(expected):
-                out, err = c_to_b_module(c_module, pending.pop(c_module), self.dense)
+                out, err = self._convert_module(c_module, m, expected, pending.pop(c_module))
                 done.add(c_module)
                 self.report.add(m.name, err)
                 self.report.tensors_out += len(out)
@@ -164,6 +172,19 @@ class LayoutCStream:
             raise CheckpointError(f"{self.where}: {c_module}: expected the parts "
                                   f"{_parts(expected)}, found only {_parts(got)} "
                                   f"({len(pending)} module(s) incomplete)")
+
+    def _convert_module(self, c_module: str, m: Module, expected: frozenset[str],
+                        parts: dict[str, torch.Tensor]
+                        ) -> tuple[dict[str, torch.Tensor], ConversionError | None]:
+        # Only re-encoded modules visit the device: dense linears, and NVFP4 compressor /
+        # indexer projections. Experts, norms, embedding and head are renamed bytes.
+        on_device = self.device is not None and (m.role is Role.DENSE or "weight_scale" in expected)
+        if on_device:
+            parts = {k: v.to(self.device) for k, v in parts.items()}
+        out, err = c_to_b_module(c_module, parts, self.dense)
+        if on_device:
+            out = {k: v.cpu() for k, v in out.items()}
+        return out, err
 
     def _check_gate_up(self, seen: dict[tuple[str, int], dict[int, tuple[str, torch.Tensor]]],
                        m: Module, name: str, tensor: torch.Tensor) -> None:

@@ -138,10 +138,23 @@ def layout_b_weights(model_config: Any, weights: Iterable[tuple[str, torch.Tenso
                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """vLLM's layout-C weight stream as the layout-B stream ``convert`` would have written.
 
-    Logs one summary line when the stream ends.
+    On CUDA the re-encoded modules (dense linears, NVFP4 compressor/indexer
+    projections) are converted on this rank's GPU — same bits as on the CPU, and
+    every rank converts the whole stream, so this is most of the load-time cost
+    (``benchmarks/c_stream_bench.py``). Logs one summary line when the stream ends.
     """
     from dsv4_nvfp4.checkpoint.c_stream import LayoutCStream
 
-    stream = LayoutCStream.open(local_model_dir(model_config.model, model_config.revision))
+    stream = LayoutCStream.open(local_model_dir(model_config.model, model_config.revision),
+                                device=conversion_device())
     yield from stream.convert(weights)
-    logger.info("dsv4_nvfp4: %s", stream.report.line())
+    logger.info("dsv4_nvfp4: %s (on %s)", stream.report.line(), stream.device or "cpu")
+
+
+def conversion_device() -> torch.device | None:
+    """This rank's CUDA device, or None (CPU) on any other platform."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
