@@ -82,6 +82,18 @@ def run_once(cfg: dict, items: list[tuple[str, torch.Tensor]], device: str | Non
     t0 = time.perf_counter()
     for _ in stream.convert(items):
         pass
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def h2d_seconds(items: list[tuple[str, torch.Tensor]]) -> float:
+    """The floor of the GPU path: just copying the inputs to the GPU (pageable memory)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    moved = [t.to("cuda") for _, t in items]
+    torch.cuda.synchronize()
+    del moved
     return time.perf_counter() - t0
 
 
@@ -114,6 +126,7 @@ def main() -> None:
     }
     if "cuda" in rows:
         result["gpu_speedup_vs_cpu"] = rows["cpu"]["median_s"] / rows["cuda"]["median_s"]
+        result["h2d_only_s"] = statistics.median(h2d_seconds(items) for _ in range(3))
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

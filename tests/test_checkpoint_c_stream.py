@@ -21,6 +21,7 @@ from dsv4_nvfp4.checkpoint.c_stream import LayoutCStream, split_c_name
 from dsv4_nvfp4.checkpoint.convert import Target, execute, plan
 from dsv4_nvfp4.checkpoint.errors import CheckpointError
 from dsv4_nvfp4.checkpoint.layouts import Layout
+from dsv4_nvfp4.checkpoint.schema import Role
 from dsv4_nvfp4.checkpoint.tiny import write_tiny
 
 pytestmark = pytest.mark.cpu
@@ -119,6 +120,38 @@ def test_split_c_name() -> None:
                                   "layers.0.ffn.gate.bias")
     m, part, ds = split_c_name("model.norm.weight")
     assert (m, part, ds.name) == ("model.norm", "weight", "norm")
+
+
+def test_only_re_encoded_modules_visit_the_device(dirs) -> None:  # type: ignore[no-untyped-def]
+    from dsv4_nvfp4.checkpoint.c_stream import re_encoded
+
+    c, _ = dirs["full"]
+    stream = LayoutCStream.open(c)
+    moved = set()
+    for name, _ in shard_stream(c):
+        c_module, _, m = split_c_name(name)
+        if re_encoded(m, stream.expected_parts(c_module, m)):
+            moved.add(m.name)
+    kinds = {n.split(".", 2)[2] if n.startswith("layers.") else n for n in moved}
+    assert kinds == {"attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_a", "attn.wo_b",
+                     "attn.indexer.wq_b", "attn.compressor.wkv", "attn.compressor.wgate",
+                     "attn.indexer.compressor.wkv", "attn.indexer.compressor.wgate",
+                     "attn.indexer.weights_proj", "ffn.shared_experts.w1",
+                     "ffn.shared_experts.w2", "ffn.shared_experts.w3"}
+    # the experts recipe's compressor / indexer projections are BF16: renamed, not moved;
+    # its BF16 dense linears are re-encoded to FP8
+    c2, _ = dirs["experts"]
+    s2 = LayoutCStream.open(c2)
+    seen = {True: 0, False: 0}
+    for name, _ in shard_stream(c2):
+        c_module, _, m = split_c_name(name)
+        if m.role is Role.BF16_LINEAR and ("compressor" in m.name or "weights_proj" in m.name):
+            assert not re_encoded(m, s2.expected_parts(c_module, m)), c_module
+            seen[False] += 1
+        elif m.role is Role.DENSE:
+            assert re_encoded(m, s2.expected_parts(c_module, m)), c_module
+            seen[True] += 1
+    assert seen[True] > 0 and seen[False] > 0
 
 
 def _items(c: Path) -> list[tuple[str, torch.Tensor]]:

@@ -67,6 +67,16 @@ def split_c_name(name: str, where: str = "checkpoint") -> tuple[str, str, Module
     return module, part, Module(ds_module, mod_role, ())
 
 
+def re_encoded(m: Module, expected: frozenset[str]) -> bool:
+    """Does C → B re-encode this module (rather than rename its bytes)?
+
+    Dense linears (NVFP4 or BF16 → FP8) and NVFP4 compressor / indexer
+    projections (→ BF16) do; routed experts, norms, vectors, router, embedding
+    and head keep their bytes. Only these visit :attr:`LayoutCStream.device`.
+    """
+    return m.role is Role.DENSE or (m.role is Role.BF16_LINEAR and "weight_scale" in expected)
+
+
 @dataclass
 class StreamReport:
     """What a pass of :meth:`LayoutCStream.convert` did (the plugin logs it in one line)."""
@@ -111,8 +121,10 @@ class LayoutCStream:
         """From ``config.json``, ``hf_quant_config.json`` and every tensor name it holds.
 
         ``device``: where modules that are re-encoded (not just renamed) are
-        converted; the formats functions give the same bits on CPU and CUDA (a GPU
-        test checks it), and the outputs come back to the CPU like the rest.
+        converted, and where their outputs stay (vLLM's weight loaders copy them into
+        parameters on that device; a round trip to host memory cost more than the
+        conversion itself on the H100). The formats functions give the same bits on
+        CPU and CUDA (a GPU test checks it).
         """
         return cls(LayoutContext.from_config(config, hf_quant, list(names)), dense, where,
                    device)
@@ -176,15 +188,9 @@ class LayoutCStream:
     def _convert_module(self, c_module: str, m: Module, expected: frozenset[str],
                         parts: dict[str, torch.Tensor]
                         ) -> tuple[dict[str, torch.Tensor], ConversionError | None]:
-        # Only re-encoded modules visit the device: dense linears, and NVFP4 compressor /
-        # indexer projections. Experts, norms, embedding and head are renamed bytes.
-        on_device = self.device is not None and (m.role is Role.DENSE or "weight_scale" in expected)
-        if on_device:
+        if self.device is not None and re_encoded(m, expected):
             parts = {k: v.to(self.device) for k, v in parts.items()}
-        out, err = c_to_b_module(c_module, parts, self.dense)
-        if on_device:
-            out = {k: v.cpu() for k, v in out.items()}
-        return out, err
+        return c_to_b_module(c_module, parts, self.dense)
 
     def _check_gate_up(self, seen: dict[tuple[str, int], dict[int, tuple[str, torch.Tensor]]],
                        m: Module, name: str, tensor: torch.Tensor) -> None:

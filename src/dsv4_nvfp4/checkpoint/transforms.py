@@ -50,6 +50,9 @@ class DenseMode(enum.Enum):
 # instead of page-faulting fresh 64 MB buffers. Measured on the 2-core CI machine,
 # 8192 x 7168 NVFP4 -> FP8: 1 M elements 0.45 s, 4 M 0.55 s, 16 M 1.4 s (one thread).
 CHUNK_ELEMENTS = 1 << 20
+# On a GPU the limit is kernel launches and host syncs per step, not cache: ~64 M elements
+# (256 MB fp32 temporaries) converts V4 Pro's largest dense linear in two steps.
+GPU_CHUNK_ELEMENTS = 1 << 26
 ROW_ALIGN = FP8_BLOCK  # FP8 128x128 tiles must not straddle two steps
 
 
@@ -146,7 +149,8 @@ def convert_parts(src: Storage, dst: Storage, parts: dict[str, torch.Tensor]
         raise ValueError(f"no conversion {src.name} -> {dst.name}")
     n, k2 = parts["weight"].shape
     k = k2 * 2 if src in (Storage.NVFP4, Storage.MXFP4) else k2
-    step = max(ROW_ALIGN, (CHUNK_ELEMENTS // max(k, 1)) // ROW_ALIGN * ROW_ALIGN)
+    chunk = CHUNK_ELEMENTS if parts["weight"].device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    step = max(ROW_ALIGN, (chunk // max(k, 1)) // ROW_ALIGN * ROW_ALIGN)
     acc = ErrorAccumulator()
     pieces: dict[str, list[torch.Tensor]] = {}
     for start in range(0, n, step):

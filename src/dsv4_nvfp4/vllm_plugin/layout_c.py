@@ -139,9 +139,10 @@ def layout_b_weights(model_config: Any, weights: Iterable[tuple[str, torch.Tenso
     """vLLM's layout-C weight stream as the layout-B stream ``convert`` would have written.
 
     On CUDA the re-encoded modules (dense linears, NVFP4 compressor/indexer
-    projections) are converted on this rank's GPU — same bits as on the CPU, and
-    every rank converts the whole stream, so this is most of the load-time cost
-    (``benchmarks/c_stream_bench.py``). Logs one summary line when the stream ends.
+    projections) are converted on this rank's GPU and handed to vLLM's loaders
+    there — same bits as on the CPU (tests/gpu); every rank converts the whole
+    stream, so this is most of the load-time cost (``benchmarks/c_stream_bench.py``).
+    Logs one summary line when the stream ends.
     """
     from dsv4_nvfp4.checkpoint.c_stream import LayoutCStream
 
