@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from convert_bench import PRO_SHAPES
 
 from dsv4_nvfp4.checkpoint.c_stream import LayoutCStream
 from dsv4_nvfp4.checkpoint.config import dims_from_config
@@ -34,20 +35,16 @@ from dsv4_nvfp4.checkpoint.schema import Role, Storage, expand, modules
 from dsv4_nvfp4.checkpoint.tiny import c_exclude
 from dsv4_nvfp4.checkpoint.tiny_model import tiny_config
 
-PRO_SHAPES = {
-    "hidden_size": 7168, "moe_intermediate_size": 3072, "q_lora_rank": 1536,
-    "num_attention_heads": 128, "head_dim": 512, "o_groups": 16, "o_lora_rank": 1024,
-    "index_n_heads": 64, "index_head_dim": 128, "hc_mult": 4, "num_experts_per_tok": 6,
-    "num_hash_layers": 0, "vocab_size": 16384, "num_nextn_predict_layers": 0,
-    "n_routed_experts": 8, "num_hidden_layers": 2, "compress_ratios": [4, 128],
-}
+# V4 Pro's shapes as convert_bench.py uses them; two layers, few experts (renamed bytes)
+SHAPES = {**PRO_SHAPES, "n_routed_experts": 8, "num_hidden_layers": 2,
+          "compress_ratios": [4, 128]}
 PRO_LAYERS = 61
 
 
 def re_encoded_tensors(recipe: str) -> tuple[dict, list[tuple[str, torch.Tensor]], int]:
     """(config, [(layout-C name, tensor)] of the re-encoded modules, NVFP4/BF16 input bytes)."""
     cfg = tiny_config(mtp=False)
-    cfg.update(PRO_SHAPES)
+    cfg.update(SHAPES)
     cfg["quantization_config"] = c_quantization_config(c_exclude(2, recipe))
     ctx = LayoutContext(c_exclude=tuple(c_exclude(2, recipe)))
     gen = torch.Generator().manual_seed(0)
