@@ -166,7 +166,8 @@ def quantize_nvfp4_activation_per_token(x: torch.Tensor
     expect(x.is_floating_point(), "x", "a floating-point tensor", x.dtype)
     blocks = _blocks(x, NVFP4_GROUP, "x").float()
     block_amax = blocks.abs().amax(dim=-1)
-    row_amax = block_amax.amax(dim=-1) if x.shape[-1] else torch.zeros(x.shape[0])
+    row_amax = (block_amax.amax(dim=-1) if x.shape[-1]
+                else torch.zeros(x.shape[0], device=x.device))
     pts = true_div(row_amax.clamp(min=PER_TOKEN_AMAX_FLOOR), NVFP4_GLOBAL_DIVISOR)
     sf = encode_ue4m3(block_amax / (E2M1_MAX * pts.unsqueeze(-1)))
     denom = sf.float() * pts.unsqueeze(-1)
