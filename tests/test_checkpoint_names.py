@@ -159,3 +159,18 @@ def test_expand_shapes_of_every_storage() -> None:
                                              ("scale", ("F8_E8M0",), (3, 2))]
     assert got[schema.Storage.BF16] == [("weight", ("BF16",), (300, 256))]
     assert torch.float8_e8m0fnu in TORCH_TO_ST
+
+
+def test_rule_choice_depends_only_on_the_name_shape() -> None:
+    """names._apply and schema.role_of cache the matching rule per index_shape(name): sound
+    only while no rule has a purely numeric literal component."""
+    from dsv4_nvfp4.checkpoint.names import C_NAME_RULES, VLLM_MODULE_RULES, index_shape
+
+    for ds, c in C_NAME_RULES + VLLM_MODULE_RULES:
+        for template in (ds, c):
+            assert not any(part.isdigit() for part in template.split(".")), template
+    assert index_shape("model.layers.12.mlp.experts.305.up_proj.weight_scale_2") == (
+        "model.layers.0.mlp.experts.0.up_proj.weight_scale_2")
+    assert index_shape("layers.3.ffn.experts.7.w1") == "layers.0.ffn.experts.0.w1"
+    # digits inside a component (w1, w3) are part of the name, not an index
+    assert index_shape("mtp.1.ffn.shared_experts.w3.weight") == "mtp.0.ffn.shared_experts.w3.weight"

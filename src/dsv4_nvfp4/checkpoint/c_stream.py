@@ -56,8 +56,9 @@ def split_c_name(name: str, where: str = "checkpoint") -> tuple[str, str, Module
     if ds is not None and role in (Role.FP32, Role.INDEX):
         return name, "", Module(ds, role, ())
     module, _, part = name.rpartition(".")
-    ds_module = c_to_deepseek(module) if module else None
-    mod_role = role_of(ds_module) if ds_module is not None else None
+    # a suffix carries over unchanged (names.py), so the module's DeepSeek name is ds's prefix
+    ds_module = ds.rpartition(".")[0] if ds is not None and ds.endswith("." + part) else None
+    mod_role = role_of(ds_module) if ds_module else None
     if ds_module is None or mod_role is None or mod_role in (Role.FP32, Role.INDEX):
         raise CheckpointError(f"{where}: {name}: expected a tensor of transformers' "
                               "DeepseekV4ForCausalLM (layout C), found a name no rule maps")

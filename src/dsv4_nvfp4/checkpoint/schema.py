@@ -18,11 +18,12 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from functools import cache
 
 from dsv4_nvfp4.formats import FP8_BLOCK, MXFP4_GROUP, NVFP4_GROUP
 
 from .config import Dims
-from .names import is_mtp
+from .names import index_shape, is_mtp
 
 
 class Role(enum.Enum):
@@ -228,7 +229,14 @@ def role_of(name: str) -> Role | None:
     Lets a caller with no config (the vLLM plugin converting one module at load
     time) decide what a module is; :func:`modules` assigns the same roles.
     """
+    # Layer and expert indices only ever match a rule's ``\d+``, so the role depends on
+    # the name's shape with them zeroed: searched once per shape, not once per tensor.
+    return _role_of_shape(index_shape(name))
+
+
+@cache
+def _role_of_shape(shape: str) -> Role | None:
     for pat, role in _ROLE_RULES:
-        if pat.search(name):
+        if pat.search(shape):
             return role
     return None
