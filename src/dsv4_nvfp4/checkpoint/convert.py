@@ -49,7 +49,7 @@ from .config import dims_from_config, to_deepseek_config
 from .errors import CheckpointError, fail
 from .layouts import Layout, LayoutContext, storage_for, stored_name
 from .names import is_mtp
-from .quant_config import a_quantization_config, b_hf_quant_config, b_quantization_config
+from .quant_config import a_quantization_config
 from .reader import (
     INDEX_NAME,
     Checkpoint,
@@ -65,6 +65,7 @@ from .transforms import (
     c_to_b_config,
     check_w13_global_scales,
     convert_parts,
+    layout_b_quantization,
     mxfp4_experts_to_nvfp4,
 )
 from .verify import structure
@@ -299,7 +300,7 @@ def plan(src_path: Path, target: Target, dense: DenseMode = DenseMode.FP8,
     for i, u in enumerate(units):
         u.shard = sorted(ck.shards).index(u.inputs[0].file.name)
         del i
-    config = _out_config(ck, layout, target, dense, mods, dst_ctx)
+    config = _out_config(ck, layout, target, dense, mods)
     if layout is Layout.C:
         mtp_units, config, w = _plan_mtp(mtp_from, d, target, config)
         warnings += w
@@ -350,7 +351,7 @@ def _plan_mtp(mtp_from: Path | None, d, target: Target, config: dict
 
 
 def _out_config(ck: Checkpoint, layout: Layout, target: Target, dense: DenseMode,
-                mods: list[Module], dst_ctx: LayoutContext) -> dict:
+                mods: list[Module]) -> dict:
     if layout is Layout.C and target is Target.NVFP4:
         cfg, hf_quant = c_to_b_config(ck.config, dense)
         cfg["_hf_quant"] = hf_quant
@@ -365,9 +366,8 @@ def _out_config(ck: Checkpoint, layout: Layout, target: Target, dense: DenseMode
         return cfg
     cfg["expert_dtype"] = "fp4"
     base = ck.config.get("quantization_config") if layout is Layout.A else None
-    quantized = [m.name for m in mods if storage_for(Layout.B, m, dst_ctx) is Storage.NVFP4]
-    cfg["quantization_config"] = b_quantization_config(base or a_quantization_config(), quantized)
-    cfg["_hf_quant"] = b_hf_quant_config(quantized)
+    cfg["quantization_config"], cfg["_hf_quant"] = layout_b_quantization(
+        base or a_quantization_config(), mods, dense)
     return cfg
 
 

@@ -252,18 +252,25 @@ def c_to_b_config(c_config: dict, dense: DenseMode = DenseMode.FP8,
     plugin presents it to vLLM when it serves a layout-C directory as is.
     """
     d = dims_from_config({**c_config, "num_nextn_predict_layers": 0})
-    ctx = b_context(dense)
-    mods = modules(d, mtp=False)
-    quantized = [m.name for m in mods if storage_for(Layout.B, m, ctx) is Storage.NVFP4]
-    ignored = sorted({vllm_module(m.name) for m in mods if m.role is Role.DENSE
-                      and storage_for(Layout.B, m, ctx) is Storage.BF16} - {None})
+    qc, hf_quant = layout_b_quantization(a_quantization_config(), modules(d, mtp=False), dense)
     cfg = dict(c_config)
     cfg.pop("quantization_config", None)
     cfg["expert_dtype"] = "fp4"
-    cfg["quantization_config"] = b_quantization_config(a_quantization_config(), quantized,
-                                                       ignored or None)
-    return to_deepseek_config(cfg, mtp_ratios), b_hf_quant_config(quantized)
+    cfg["quantization_config"] = qc
+    return to_deepseek_config(cfg, mtp_ratios), hf_quant
+
+
+def layout_b_quantization(base: dict, mods: list[Module], dense: DenseMode = DenseMode.FP8
+                          ) -> tuple[dict, dict]:
+    """Layout B's ``quantization_config`` (on ``base``, A's) and ``hf_quant_config.json`` for
+    ``mods``: every module layout B stores NVFP4 listed, BF16 dense in ``ignored_layers``."""
+    ctx = b_context(dense)
+    quantized = [m.name for m in mods if storage_for(Layout.B, m, ctx) is Storage.NVFP4]
+    ignored = sorted({vllm_module(m.name) for m in mods if m.role is Role.DENSE
+                      and storage_for(Layout.B, m, ctx) is Storage.BF16} - {None})
+    return (b_quantization_config(base, quantized, ignored or None),
+            b_hf_quant_config(quantized))
 
 
 __all__ = ["DenseMode", "Role", "c_to_b_config", "c_to_b_module", "convert_parts",
-           "mxfp4_experts_to_nvfp4"]
+           "layout_b_quantization", "mxfp4_experts_to_nvfp4"]
