@@ -97,6 +97,6 @@ def test_tool_targets_call_the_package_cli(target: str):
 
 def test_url_reaches_the_server_targets():
     for target in ("smoke", "bench", "eval", "acceptance"):
-        out = make("-n", target, "URL=http://10.0.0.5:9000").stdout
-        assert "--url http://10.0.0.5:9000" in out
+        out = make("-n", target, "URL=http://vllm.example.invalid:9000").stdout
+        assert "--url http://vllm.example.invalid:9000" in out
     assert "VLLM_API_KEY" not in MAKEFILE.read_text().split("URL ?=")[1]  # never on a command line
