@@ -13,17 +13,16 @@ sweeps exhaustively over all 2^32 patterns on the H100.
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from bitwise import assert_bitwise_equal
+from interpreted import interpreter_guard
 
 from dsv4_nvfp4.formats import decode_ue4m3, e2m1_decode, e2m1_encode, encode_ue4m3
-from dsv4_nvfp4.kernels.interpret import InterpreterUnavailable, interpreter_env, load_interpreted
+from dsv4_nvfp4.kernels.interpret import InterpreterUnavailable, load_interpreted
 
 try:
     kernels = load_interpreted()
@@ -52,19 +51,7 @@ BLOCK = 1 << 16
 OP_E4M3_ENCODE, OP_E4M3_DECODE, OP_E2M1_ENCODE, OP_E2M1_DECODE, OP_BF16, OP_E2M1_MAG = range(6)
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(request: pytest.FixtureRequest) -> None:
-    if kernels is None and request.node.name != "test_fresh_process":
-        pytest.skip("triton was imported in compiled mode first; test_fresh_process runs this file")
-
-
-def test_fresh_process() -> None:
-    """Runs this file in a fresh interpreter when triton was imported first in this process."""
-    if kernels is not None:
-        pytest.skip("the tests ran in this process")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=interpreter_env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+_interpreter, test_fresh_process = interpreter_guard(kernels, __file__)
 
 
 @triton.jit

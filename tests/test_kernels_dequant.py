@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from bitwise import assert_bitwise_equal
+from interpreted import interpreter_guard
 
 from dsv4_nvfp4.formats import FormatError, dequantize_nvfp4, quantize_nvfp4_weight
-from dsv4_nvfp4.kernels.interpret import InterpreterUnavailable, interpreter_env, load_interpreted
+from dsv4_nvfp4.kernels.interpret import InterpreterUnavailable, load_interpreted
 
 try:
     kernels = load_interpreted()
@@ -20,19 +18,7 @@ except InterpreterUnavailable:  # triton came first in this pytest process
 pytestmark = pytest.mark.cpu
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(request: pytest.FixtureRequest) -> None:
-    if kernels is None and request.node.name != "test_fresh_process":
-        pytest.skip("triton was imported in compiled mode first; test_fresh_process runs this file")
-
-
-def test_fresh_process() -> None:
-    """Runs this file in a fresh interpreter when triton was imported first in this process."""
-    if kernels is not None:
-        pytest.skip("the tests ran in this process")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=interpreter_env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+_interpreter, test_fresh_process = interpreter_guard(kernels, __file__)
 
 
 def assert_same_bf16(got: torch.Tensor, want: torch.Tensor, what: str) -> None:

@@ -8,14 +8,12 @@ words of the caller's buffers; bad input rejected with one clear error.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from bitwise import assert_bitwise_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from interpreted import interpreter_guard
 
 from dsv4_nvfp4.formats import (
     FormatError,
@@ -23,7 +21,7 @@ from dsv4_nvfp4.formats import (
     quantize_nvfp4_activation_per_token,
     quantize_nvfp4_activation_static,
 )
-from dsv4_nvfp4.kernels.interpret import InterpreterUnavailable, interpreter_env, load_interpreted
+from dsv4_nvfp4.kernels.interpret import InterpreterUnavailable, load_interpreted
 
 try:
     kernels = load_interpreted()
@@ -35,19 +33,7 @@ POISON_BYTE = 0xAB
 POISON_WORD = 0x5A5A5A5A
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(request: pytest.FixtureRequest) -> None:
-    if kernels is None and request.node.name != "test_fresh_process":
-        pytest.skip("triton was imported in compiled mode first; test_fresh_process runs this file")
-
-
-def test_fresh_process() -> None:
-    """Runs this file in a fresh interpreter when triton was imported first in this process."""
-    if kernels is not None:
-        pytest.skip("the tests ran in this process")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=interpreter_env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+_interpreter, test_fresh_process = interpreter_guard(kernels, __file__)
 
 
 def buffers(t: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
