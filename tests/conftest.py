@@ -23,6 +23,18 @@ if TYPE_CHECKING:
     from dsv4_nvfp4.serving.server import LocalServer
 
 TINY_SERVED_NAME = "dsv4-tiny"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on the 2-core CI machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 SERVER_READY_TIMEOUT_S = 300.0
 
 

@@ -19,18 +19,9 @@ from dsv4_nvfp4.checkpoint.verify import verify
 from dsv4_nvfp4.checkpoint.writer import write_shard
 from dsv4_nvfp4.formats import ue8m0_exponent_for_amax, unpack_e2m1
 
-pytestmark = pytest.mark.cpu
+pytestmark = [pytest.mark.cpu, pytest.mark.usefixtures("one_torch_thread")]
 
 E8M0 = torch.float8_e8m0fnu
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on the 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
