@@ -35,6 +35,24 @@ def write_layout_b_config(directory: Path, quant_cfg: dict[str, Any]) -> Path:
     return directory
 
 
+def engine_config(model_dir: Path, **engine_args: Any) -> Any:
+    """vLLM's own ``VllmConfig`` for ``model_dir`` (no tokenizer), plugin registered."""
+    import dsv4_nvfp4.vllm_plugin as plugin
+
+    plugin.register()
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model_dir), skip_tokenizer_init=True, max_model_len=512,
+                      **engine_args).create_engine_config()
+
+
+def layout_b_engine_config(directory: Path, quant_cfg: dict[str, Any] | None = None) -> Any:
+    """:func:`engine_config` of the tiny layout-B config, with a 1-process gloo world."""
+    vc = engine_config(write_layout_b_config(directory, quant_cfg or layout_b_quant_config()))
+    ensure_single_process_world(vc)
+    return vc
+
+
 def constructed_class(build: Callable[[], Any]) -> str:
     """Name of the object ``build`` constructs — also when its constructor raises.
 

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 from test_checkpoint_c_stream import assert_same_tensors, shard_stream
+from test_plugin_helpers import engine_config
 
 from dsv4_nvfp4.checkpoint.convert import Target, execute, plan
 from dsv4_nvfp4.checkpoint.layouts import Layout
@@ -45,13 +46,6 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "bf16": write_tiny(root / "bf16", Layout.BF16, cpu_servable=True)}
 
 
-def _engine_config(model: Path, **kw: Any) -> Any:
-    from vllm.engine.arg_utils import EngineArgs
-
-    return EngineArgs(model=str(model), skip_tokenizer_init=True, max_model_len=512,
-                      **kw).create_engine_config()
-
-
 def test_stock_vllm_cannot_parse_layout_c(dirs) -> None:  # type: ignore[no-untyped-def]
     from vllm.transformers_utils.config import HFConfigParser
 
@@ -69,7 +63,7 @@ def test_vllm_builds_the_layout_b_config_for_layout_c(dirs) -> None:  # type: ig
     written = json.loads((dirs["B"] / "config.json").read_text())
     assert config_dict == {**written, SOURCE_KEY: "C"}
 
-    vc_c, vc_b = _engine_config(dirs["C"]), _engine_config(dirs["B"])
+    vc_c, vc_b = engine_config(dirs["C"]), engine_config(dirs["B"])
     hc, hb = vc_c.model_config.hf_config.to_dict(), vc_b.model_config.hf_config.to_dict()
     assert {k for k in hc.keys() | hb.keys() if hc.get(k) != hb.get(k)} == {
         "_name_or_path", SOURCE_KEY}
@@ -102,7 +96,7 @@ def test_mtp_draft_is_refused_with_one_line(dirs) -> None:  # type: ignore[no-un
     line = mtp_refusal(str(dirs["C"]))
     assert "\n" not in line and "--mtp-from" in line and "dsv4-nvfp4 convert" in line
     with pytest.raises(Exception) as e:
-        _engine_config(dirs["C"], speculative_config={"method": "mtp",
+        engine_config(dirs["C"], speculative_config={"method": "mtp",
                                                       "num_speculative_tokens": 1})
     assert line in str(e.value)
 
@@ -125,7 +119,7 @@ def test_overlay_load_weights_gets_layout_b(dirs, name: str) -> None:  # type: i
     from dsv4_nvfp4.vllm_plugin.deepseek_v4 import build_overlay_classes
 
     cls = build_overlay_classes(_RecordingBase, _RecordingBase)["DeepseekV4ForCausalLM"]
-    model = cls(vllm_config=_engine_config(dirs[name]))
+    model = cls(vllm_config=engine_config(dirs[name]))
     loaded = model.load_weights(shard_stream(dirs[name]))
     want = dict(shard_stream(dirs["B"]))
     assert loaded == set(want)

@@ -21,9 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_plugin_helpers import (
-    ensure_single_process_world,
-    layout_b_quant_config,
-    write_layout_b_config,
+    layout_b_engine_config,
 )
 
 pytestmark = pytest.mark.cpu
@@ -33,16 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model_config(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    import dsv4_nvfp4.vllm_plugin as plugin
-
-    plugin.register()
-    from vllm.engine.arg_utils import EngineArgs
-
-    d = write_layout_b_config(tmp_path_factory.mktemp("layout_b"), layout_b_quant_config())
-    vc = EngineArgs(model=str(d), skip_tokenizer_init=True,
-                    max_model_len=512).create_engine_config()
-    ensure_single_process_world(vc)
-    return vc.model_config
+    return layout_b_engine_config(tmp_path_factory.mktemp("layout_b")).model_config
 
 
 def test_registry_resolves_the_overlay(model_config) -> None:  # type: ignore[no-untyped-def]

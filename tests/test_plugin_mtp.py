@@ -13,7 +13,12 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from test_plugin_helpers import constructed_class, layout_b_quant_config, write_layout_b_config
+from test_plugin_helpers import (
+    constructed_class,
+    engine_config,
+    layout_b_quant_config,
+    write_layout_b_config,
+)
 
 pytestmark = pytest.mark.cpu
 
@@ -23,15 +28,8 @@ MXFP4 = "Mxfp4MoEMethod"
 
 @pytest.fixture(scope="module")
 def vllm_config(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    import dsv4_nvfp4.vllm_plugin as plugin
-
-    plugin.register()
-    from vllm.engine.arg_utils import EngineArgs
-
-    d = write_layout_b_config(tmp_path_factory.mktemp("layout_b"),
-                              layout_b_quant_config(ignore=None))
-    return EngineArgs(model=str(d), skip_tokenizer_init=True,
-                      max_model_len=512).create_engine_config()
+    return engine_config(write_layout_b_config(tmp_path_factory.mktemp("layout_b"),
+                                               layout_b_quant_config(ignore=None)))
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,7 @@ import types
 import pytest
 import torch
 from test_plugin_helpers import (
-    ensure_single_process_world,
-    layout_b_quant_config,
-    write_layout_b_config,
+    layout_b_engine_config,
 )
 
 from dsv4_nvfp4.formats import (
@@ -41,16 +39,9 @@ T_MAX = 8
 @pytest.fixture(scope="module")
 def vllm_env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A real VllmConfig for a layout-B tiny config, current, with a 1-process gloo world."""
-    import dsv4_nvfp4.vllm_plugin as plugin
-
-    plugin.register()
     from vllm.config import set_current_vllm_config
-    from vllm.engine.arg_utils import EngineArgs
 
-    d = write_layout_b_config(tmp_path_factory.mktemp("layout_b"), layout_b_quant_config())
-    vc = EngineArgs(model=str(d), skip_tokenizer_init=True,
-                    max_model_len=512).create_engine_config()
-    ensure_single_process_world(vc)
+    vc = layout_b_engine_config(tmp_path_factory.mktemp("layout_b"))
     with set_current_vllm_config(vc):
         yield vc
 

@@ -14,9 +14,7 @@ import types
 
 import pytest
 from test_plugin_helpers import (
-    ensure_single_process_world,
-    layout_b_quant_config,
-    write_layout_b_config,
+    layout_b_engine_config,
 )
 
 from dsv4_nvfp4.vllm_plugin.moe_selection import MoeBackendUnavailable
@@ -27,16 +25,9 @@ pytestmark = pytest.mark.cpu
 
 @pytest.fixture(scope="module")
 def vc(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    import dsv4_nvfp4.vllm_plugin as plugin
-
-    plugin.register()
     from vllm.config import set_current_vllm_config
-    from vllm.engine.arg_utils import EngineArgs
 
-    d = write_layout_b_config(tmp_path_factory.mktemp("layout_b"), layout_b_quant_config())
-    config = EngineArgs(model=str(d), skip_tokenizer_init=True,
-                        max_model_len=512).create_engine_config()
-    ensure_single_process_world(config)
+    config = layout_b_engine_config(tmp_path_factory.mktemp("layout_b"))
     with set_current_vllm_config(config):
         yield config
 
