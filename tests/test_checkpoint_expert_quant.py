@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsv4_nvfp4.vllm_plugin.checkpoint_quant import (
+from dsv4_nvfp4.checkpoint.expert_quant import (
     checkpoint_experts_name,
     exclusion_patterns,
     experts_are_nvfp4,

@@ -1,15 +1,18 @@
-"""Which routed-expert layers of a checkpoint are NVFP4, read from its own quantization config.
+"""Which routed-expert layers of a checkpoint are NVFP4: the one rule, read from its config.
 
-Why: a layout-B checkpoint (NVIDIA ModelOpt, experts-only NVFP4) quantizes the
-routed experts of ``layers.*`` but keeps the MTP draft layer (``mtp.*``) in its
-native MXFP4. vLLM decides the expert method from the global
-``moe_quant_algo: NVFP4``; 0.32.0's CUDA config class
-(``vllm/models/deepseek_v41/quant_config.py``, which CUDA uses for
-``deepseek_v4_fp8``) consults ``ignore`` only, and the CPU/XPU class
-(``vllm/models/deepseek_v4/quant_config.py``) nothing at all. A checkpoint that
-states its exclusions in ``exclude_modules`` or lists ``quantized_layers``
-(ModelOpt MIXED_PRECISION) then gets NVFP4 kernels on MXFP4 bytes: the draft
-produces garbage and the MTP acceptance length collapses to ~1.2.
+``verify``, ``inspect``, ``convert`` (through :mod:`.layouts`) and the vLLM plugin (its
+quantization config and its MegaMoE selection) all ask :func:`experts_are_nvfp4`, so
+the linter and the server can never disagree about one checkpoint.
+
+Why a rule of our own: a layout-B checkpoint (NVIDIA ModelOpt, experts-only NVFP4)
+quantizes the routed experts of ``layers.*`` but keeps the MTP draft layer
+(``mtp.*``) in its native MXFP4. vLLM decides the expert method from the global
+``moe_quant_algo: NVFP4``; vLLM 0.34.0's CUDA config class
+(``vllm/models/deepseek_v41/quant_config.py``) consults ``ignore`` only, and the
+CPU/XPU class (``vllm/models/deepseek_v4/quant_config.py``) nothing at all. A
+checkpoint that states its exclusions in ``exclude_modules`` or lists
+``quantized_layers`` (ModelOpt MIXED_PRECISION) then gets NVFP4 kernels on MXFP4
+bytes: the draft produces garbage and the MTP acceptance length collapses to ~1.2.
 
 Pure functions on names and dicts (no vLLM import). Names are DeepSeek
 checkpoint names (``layers.3.ffn.experts``, ``mtp.0.ffn.experts``), the names
@@ -59,8 +62,10 @@ def _excluded(experts_name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for n in probes for p in patterns)
 
 
-def _listed_nvfp4(experts_name: str, quantized_layers: Mapping[str, Any]) -> bool:
+def _listed_nvfp4(experts_name: str, quantized_layers: Mapping[str, Any] | list[str]) -> bool:
     prefix = experts_name + "."
+    if not isinstance(quantized_layers, Mapping):  # a plain list names NVFP4 modules
+        return any(n == experts_name or n.startswith(prefix) for n in quantized_layers)
     for name, spec in quantized_layers.items():
         if name == experts_name or name.startswith(prefix):
             algo = spec.get("quant_algo", "") if isinstance(spec, Mapping) else spec
@@ -82,6 +87,15 @@ def experts_are_nvfp4(experts_name: str, quant_cfg: Mapping[str, Any]) -> bool:
     if _excluded(experts_name, exclusion_patterns(quant_cfg)):
         return False
     quantized_layers = quant_cfg.get("quantized_layers")
-    if isinstance(quantized_layers, Mapping) and quantized_layers:
+    if isinstance(quantized_layers, Mapping | list) and quantized_layers:
         return _listed_nvfp4(experts_name, quantized_layers)
     return True
+
+
+_EXPERTS_OF = re.compile(r"^((?:layers|mtp)\.\d+\.ffn\.experts)(?:\.|$)")
+
+
+def experts_module_of(name: str) -> str | None:
+    """``layers.3.ffn.experts.7.w1(.weight)`` → ``layers.3.ffn.experts``; None if not experts."""
+    m = _EXPERTS_OF.match(name)
+    return None if m is None else m.group(1)
