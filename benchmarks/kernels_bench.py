@@ -1,6 +1,6 @@
-"""Bandwidth of the Triton kernels against a device-to-device copy of the same bytes.
+"""Bandwidth of the Triton staging kernel against a device-to-device copy of the same bytes.
 
-For each kernel: the fewest bytes it must move (input read once, outputs
+For the kernel: the fewest bytes it must move (input read once, outputs
 written once), its median GPU time, GB/s, and the GB/s of ``dst.copy_(src)``
 moving the same number of bytes (half read, half written) measured the same
 way in the same run; the ratio is the figure of merit.
@@ -8,10 +8,10 @@ way in the same run; the ratio is the figure of merit.
 GPU time is measured on CUDA-graph replays of ``--reps`` back-to-back
 launches (events around each replay, median of ``--iters`` replays), so the
 ~20-40 us of Python/Triton launch overhead per call is not counted; serving
-runs these kernels inside CUDA graphs too. The median of plain eager calls
+runs this kernel inside CUDA graphs too. The median of plain eager calls
 (events around one call, host overhead included) is listed beside it. The
-torch-eager references from ``dsv4_nvfp4.formats`` (which synchronise with the
-host) are timed eagerly.
+torch-eager reference from ``dsv4_nvfp4.formats`` (which synchronises with the
+host) is timed eagerly.
 Tile shapes are swept (results never depend on them; the GPU tests check);
 the table lists the default tile and the best one.
 
@@ -28,25 +28,12 @@ from pathlib import Path
 
 import torch
 
-from dsv4_nvfp4.formats import (
-    dequantize_nvfp4,
-    quantize_nvfp4_activation_per_token,
-    quantize_nvfp4_activation_static,
-    quantize_nvfp4_weight,
-)
-from dsv4_nvfp4.kernels import (
-    TileConfig,
-    dequantize_nvfp4_to_bf16,
-    stage_nvfp4_activations_per_token,
-    stage_nvfp4_activations_static,
-)
+from dsv4_nvfp4.formats import quantize_nvfp4_activation_per_token
+from dsv4_nvfp4.kernels import TileConfig, stage_nvfp4_activations_per_token
 
-STAGING_TILES = [(2, 1024, 4), (4, 1024, 4), (8, 1024, 4), (8, 1024, 8), (8, 512, 4),
-                 (16, 256, 4)]
 # (rows, block, warps[, whole_row]): the whole-row kernel, and the two-pass one for comparison
 PER_TOKEN_TILES = [(1, 1024, 2), (2, 1024, 4), (1, 1024, 4), (4, 1024, 8), (1, 512, 2),
                    (1, 1024, 4, False)]
-DEQUANT_TILES = [(2, 1024, 4), (4, 1024, 4), (4, 1024, 8), (8, 1024, 8), (16, 512, 8)]
 
 
 def graph_ms(fn: Callable[[], object], iters: int, reps: int) -> float:
@@ -121,7 +108,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=7168)
-    ap.add_argument("--dequant", type=int, nargs=2, default=[24576, 7168])
     ap.add_argument("--iters", type=int, default=30, help="timed graph replays (median)")
     ap.add_argument("--reps", type=int, default=20, help="kernel launches per graph")
     ap.add_argument("--ref-iters", type=int, default=20)
@@ -132,45 +118,22 @@ def main() -> int:
     torch.manual_seed(0)
     results: list[dict] = []
 
-    # --- staging -------------------------------------------------------------------------
     x = (torch.randn(t, h, device="cuda") * 3).to(torch.bfloat16)
-    scale = (x.float().abs().amax() / 2688).reshape(1)
     ox = torch.empty(t, h // 2, dtype=torch.uint8, device="cuda")
     osf = torch.empty(t, h // 64, dtype=torch.int32, device="cuda")
     pts = torch.empty(t, dtype=torch.float32, device="cuda")
-    st_bytes = t * h * 2 + t * h // 2 + t * h // 16
-    pt_bytes = st_bytes + t * 4
+    nbytes = t * h * 2 + t * h // 2 + t * h // 16 + t * 4
     shape = f"T={t} H={h}"
-    copy_st = copy_gbps(st_bytes, iters, a.reps)
-    tiles = [] if a.no_sweep else STAGING_TILES
-    results += sweep("stage static", shape, st_bytes, copy_st, iters, a.reps, tiles,
-                     lambda c: stage_nvfp4_activations_static(x, scale, ox, osf, config=c))
+    copy = copy_gbps(nbytes, iters, a.reps)
     tiles = [] if a.no_sweep else PER_TOKEN_TILES
-    results += sweep("stage per-token", shape, pt_bytes, copy_st, iters, a.reps, tiles,
+    results += sweep("stage per-token", shape, nbytes, copy, iters, a.reps, tiles,
                      lambda c: stage_nvfp4_activations_per_token(x, ox, osf, pts, config=c))
-    results.append(row("torch formats static", shape, st_bytes, median_ms(
-        lambda: quantize_nvfp4_activation_static(x, scale), a.ref_iters), copy_st, a.ref_iters))
-    results.append(row("torch formats per-token", shape, pt_bytes, median_ms(
-        lambda: quantize_nvfp4_activation_per_token(x), a.ref_iters), copy_st, a.ref_iters))
-
-    # --- dequant -------------------------------------------------------------------------
-    n, k = a.dequant
-    w = quantize_nvfp4_weight(torch.randn(n, k, device="cuda") * 0.02)
-    out = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
-    dq_bytes = n * k // 2 + n * k // 16 + n * k * 2
-    shape = f"[{n}, {k}]"
-    copy_dq = copy_gbps(dq_bytes, iters, a.reps)
-    tiles = [] if a.no_sweep else DEQUANT_TILES
-    results += sweep("dequant nvfp4->bf16", shape, dq_bytes, copy_dq, iters, a.reps, tiles,
-                     lambda c: dequantize_nvfp4_to_bf16(w.packed, w.block_scale, w.global_scale,
-                                                        out=out, config=c))
-    results.append(row("torch formats dequant", shape, dq_bytes, median_ms(
-        lambda: dequantize_nvfp4(w.packed, w.block_scale, w.global_scale, dtype=torch.bfloat16),
-        a.ref_iters), copy_dq, a.ref_iters))
+    results.append(row("torch formats per-token", shape, nbytes, median_ms(
+        lambda: quantize_nvfp4_activation_per_token(x), a.ref_iters), copy, a.ref_iters))
 
     device = torch.cuda.get_device_name()
-    print(f"device: {device}; torch {torch.__version__}; kernels and copy: median of {iters} "
-          f"CUDA-graph replays of {a.reps} launches; torch references: median of "
+    print(f"device: {device}; torch {torch.__version__}; kernel and copy: median of {iters} "
+          f"CUDA-graph replays of {a.reps} launches; torch reference: median of "
           f"{a.ref_iters} eager calls")
     print(f"{'kernel':26} {'shape':16} {'tile':26} {'ms':>8} {'GB/s':>8} {'copy':>8} {'ratio':>6}"
           f" {'eager ms':>9}")

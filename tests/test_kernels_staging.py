@@ -1,9 +1,9 @@
-"""NVFP4 activation staging kernels vs formats, bit for bit, in Triton's CPU interpreter.
+"""NVFP4 per-token activation staging vs formats, bit for bit, in Triton's CPU interpreter.
 
-Both scale conventions; every E2M1 code point and tie spelled out as literal
-bytes; zero, tiny, huge, inf and NaN rows; T = 0 and odd T; fp16 input; tile
-shapes that do not divide T; writes confined to [T, H/2] bytes and [T, H/64]
-words of the caller's buffers; bad input rejected with one clear error.
+Every E2M1 code point and tie spelled out as literal bytes; zero, tiny, huge,
+inf and NaN rows; T = 0 and odd T; fp16 input; tile shapes that do not divide
+T; writes confined to [T, H/2] bytes, [T, H/64] words and [T] scales of the
+caller's buffers; bad input rejected with one clear error.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dsv4_nvfp4.formats import (
     FormatError,
     pack_sf_bytes_to_int32,
     quantize_nvfp4_activation_per_token,
-    quantize_nvfp4_activation_static,
 )
 from dsv4_nvfp4.kernels.interpret import InterpreterUnavailable, load_interpreted
 
@@ -42,23 +41,10 @@ def buffers(t: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.full((t,), float("nan"), dtype=torch.float32))
 
 
-def stage_static(x: torch.Tensor, scale: float | torch.Tensor, config=None):
-    ox, osf, _ = buffers(*x.shape)
-    kernels.stage_nvfp4_activations_static(x, scale, ox, osf, config=config)
-    return ox, osf
-
-
 def stage_per_token(x: torch.Tensor, config=None):
     ox, osf, pts = buffers(*x.shape)
     kernels.stage_nvfp4_activations_per_token(x, ox, osf, pts, config=config)
     return ox, osf, pts
-
-
-def check_static(x: torch.Tensor, scale: float | torch.Tensor, config=None) -> None:
-    ox, osf = stage_static(x, scale, config)
-    p, sf = quantize_nvfp4_activation_static(x, scale)
-    assert_bitwise_equal(ox, p, "x (packed E2M1)")
-    assert_bitwise_equal(osf, pack_sf_bytes_to_int32(sf), "x_sf (int32 words)")
 
 
 def assert_same_float(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -86,7 +72,7 @@ def random_x(t: int, h: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0)
 
 
 # --- every code point and tie as literal bytes ---------------------------------------------
-# With G = 1 (static) or pts = 2**-10 (per-token) these blocks reach E2M1 exactly.
+# With pts = 2**-10 these blocks reach E2M1 exactly.
 BLOCK_A = [6, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 0, 0.5, 1, 1.5, 2, 3, 4, -0.0]
 BYTES_A = [0x07, 0x22, 0x44, 0x66, 0x10, 0x32, 0x54, 0x06]
 BLOCK_B = [-6, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, -0.1, -0.5, -1, -1.5, -2, -3, -4, 0.0]
@@ -107,14 +93,6 @@ def tie_row(unit: float) -> torch.Tensor:
     return torch.tensor([vals], dtype=torch.float32).to(torch.bfloat16)
 
 
-def test_static_every_code_point_and_tie_spelled_out() -> None:
-    x = tie_row(1.0)
-    ox, osf = stage_static(x, 1.0)
-    assert ox[0].tolist() == BYTES_A + BYTES_B + BYTES_C + BYTES_D
-    assert osf.tolist() == [[WORD_ABCD]]
-    check_static(x, 1.0)
-
-
 def test_per_token_every_code_point_and_tie_spelled_out() -> None:
     x = tie_row(2.0**-10)  # row amax 2.625 = 2688 * 2**-10, so pts = 2**-10 exactly
     ox, osf, pts = stage_per_token(x)
@@ -127,15 +105,6 @@ def test_per_token_every_code_point_and_tie_spelled_out() -> None:
 # --- bit-exact against formats -------------------------------------------------------------
 @pytest.mark.parametrize(("t", "h"), [(1, 64), (7, 192), (33, 3072), (256, 7168)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_static_matches_formats(t: int, h: int, dtype: torch.dtype) -> None:
-    x = random_x(t, h, dtype, seed=t + h)
-    amax = float(x.float().abs().amax())
-    check_static(x, amax / 2688)  # calibrated: largest SF 448
-    check_static(x, torch.tensor(amax / 2688 / 37.0))  # under-calibrated: SFs saturate at 448
-
-
-@pytest.mark.parametrize(("t", "h"), [(1, 64), (7, 192), (33, 3072), (256, 7168)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_per_token_matches_formats(t: int, h: int, dtype: torch.dtype) -> None:
     check_per_token(random_x(t, h, dtype, seed=t * h))
 
@@ -146,8 +115,8 @@ def edge_rows(h: int) -> torch.Tensor:
     rows[0] = 0.0  # zero row
     rows[1, :16] = 0.0  # one zero block
     rows[1, 16:32] *= 1e-3  # tiny block beside normal ones
-    rows[2] *= 1e-30  # underflows every SF of the static convention
-    rows[3] *= 1e4  # saturates the static SFs
+    rows[2] *= 1e-30  # row amax under the 1e-4 floor of pts
+    rows[3] *= 1e4
     rows[4, 5] = float("inf")
     rows[5, 17] = float("-inf")
     rows[6, 33] = float("nan")
@@ -155,13 +124,6 @@ def edge_rows(h: int) -> torch.Tensor:
     rows[8] = torch.tensor(2.0**-133)  # bf16 subnormals
     rows[9, ::16] = 448.0 * 6
     return rows.to(torch.bfloat16)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
-def test_static_edge_rows() -> None:
-    x = edge_rows(128)
-    for scale in (1.0, 2.0**-10, 3.3e-3, 1e-12, 1e20):
-        check_static(x, scale)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
@@ -188,10 +150,9 @@ def test_per_token_huge_rows_take_the_exact_division() -> None:
 @settings(max_examples=15, deadline=None)
 @given(t=st.integers(1, 9), groups=st.integers(1, 12), log_scale=st.floats(-40, 40),
        seed=st.integers(0, 2**31 - 1))
-def test_static_property(t: int, groups: int, log_scale: float, seed: int) -> None:
-    x = random_x(t, 64 * groups, seed=seed)
-    check_static(x, 2.0**log_scale)
-    check_per_token(x)
+def test_per_token_property(t: int, groups: int, log_scale: float, seed: int) -> None:
+    check_per_token((random_x(t, 64 * groups, seed=seed).float() * 2.0**log_scale)
+                    .to(torch.bfloat16))
 
 
 # --- shapes, tiles and buffer contract -----------------------------------------------------
@@ -206,7 +167,6 @@ def test_results_do_not_depend_on_the_tile(rows: int, block: int, whole_row: boo
     x = random_x(13, 256, seed=5)  # 13 is not a multiple of any tile's rows
     x[4, 7] = float("nan")
     x[6] *= 1e7  # pts > 128: the exact division
-    check_static(x, 0.01, cfg)
     check_per_token(x, cfg)
 
 
@@ -249,13 +209,13 @@ def test_gpu_per_token_tiles_keep_rows_in_registers() -> None:
     from dsv4_nvfp4.kernels._config import row_fits, staging_tile
 
     cuda = torch.device("cuda")
-    cfg = staging_tile(7168, per_token=True, device=cuda)
+    cfg = staging_tile(7168, device=cuda)
     assert (cfg.rows, cfg.block, cfg.num_warps) == (1, 1024, 2) and row_fits(cfg, 7168, cuda)
-    cfg = staging_tile(16384, per_token=True, device=cuda)
+    cfg = staging_tile(16384, device=cuda)
     assert cfg.num_warps == 4 and row_fits(cfg, 16384, cuda)
-    cfg = staging_tile(3072, per_token=True, device=cuda)
+    cfg = staging_tile(3072, device=cuda)
     assert cfg.num_warps == 2 and row_fits(cfg, 3072, cuda)
-    cfg = staging_tile(65536, per_token=True, device=cuda)
+    cfg = staging_tile(65536, device=cuda)
     assert not row_fits(cfg, 65536, cuda)  # 64 tiles
     assert not row_fits(kernels.TileConfig(1, 64, 4), 64 * 17, cuda)  # 17 tiles
     assert not row_fits(kernels.TileConfig(1, 1024, 4, whole_row=False), 7168, cuda)
@@ -265,18 +225,14 @@ def test_gpu_per_token_tiles_keep_rows_in_registers() -> None:
 def test_zero_tokens_touch_nothing() -> None:
     x = torch.empty(0, 7168, dtype=torch.bfloat16)
     ox, osf, pts = buffers(0, 7168)
-    kernels.stage_nvfp4_activations_static(x, 0.5, ox, osf)
     kernels.stage_nvfp4_activations_per_token(x, ox, osf, pts)
     assert ox.shape == (0, 3584) and osf.shape == (0, 112) and pts.shape == (0,)
-    check_static(x, 0.5)
     check_per_token(x)
 
 
 @pytest.mark.parametrize("t", [1, 3, 5])
 def test_odd_token_counts(t: int) -> None:
-    x = random_x(t, 7168, seed=t)
-    check_static(x, 0.02)
-    check_per_token(x)
+    check_per_token(random_x(t, 7168, seed=t))
 
 
 def test_writes_stay_inside_the_callers_rows_and_columns() -> None:
@@ -286,23 +242,18 @@ def test_writes_stay_inside_the_callers_rows_and_columns() -> None:
     big_x = torch.full((t + 3, h // 2 + 16), POISON_BYTE, dtype=torch.uint8)
     big_sf = torch.full((t + 3, h // 64 + 4), POISON_WORD, dtype=torch.int32)
     big_pts = torch.full((t + 3,), -1.0)
-    for per_token in (False, True):
-        out_x, out_sf, out_pts = big_x[:t, : h // 2], big_sf[:t, : h // 64], big_pts[:t]
-        if per_token:
-            kernels.stage_nvfp4_activations_per_token(x, out_x, out_sf, out_pts)
-            p, sf, pts = quantize_nvfp4_activation_per_token(x)
-            assert_bitwise_equal(out_pts, pts, "x_scales")
-        else:
-            kernels.stage_nvfp4_activations_static(x, 0.01, out_x, out_sf)
-            p, sf = quantize_nvfp4_activation_static(x, 0.01)
-        assert_bitwise_equal(out_x, p, "x inside the caller's view")
-        assert_bitwise_equal(out_sf, pack_sf_bytes_to_int32(sf), "x_sf inside the caller's view")
-        assert bool((big_x[t:] == POISON_BYTE).all()) and bool((big_x[:, h // 2:] == POISON_BYTE)
-                                                                .all())
-        assert bool((big_sf[t:] == POISON_WORD).all()) and bool((big_sf[:, h // 64:]
-                                                                 == POISON_WORD).all())
-        assert bool((big_pts[t:] == -1.0).all())
-        assert bool(((out_x >> 4) != 0).any()), "high nibbles must carry the odd elements"
+    out_x, out_sf, out_pts = big_x[:t, : h // 2], big_sf[:t, : h // 64], big_pts[:t]
+    kernels.stage_nvfp4_activations_per_token(x, out_x, out_sf, out_pts)
+    p, sf, pts = quantize_nvfp4_activation_per_token(x)
+    assert_bitwise_equal(out_pts, pts, "x_scales")
+    assert_bitwise_equal(out_x, p, "x inside the caller's view")
+    assert_bitwise_equal(out_sf, pack_sf_bytes_to_int32(sf), "x_sf inside the caller's view")
+    assert bool((big_x[t:] == POISON_BYTE).all()) and bool((big_x[:, h // 2:] == POISON_BYTE)
+                                                            .all())
+    assert bool((big_sf[t:] == POISON_WORD).all()) and bool((big_sf[:, h // 64:]
+                                                             == POISON_WORD).all())
+    assert bool((big_pts[t:] == -1.0).all())
+    assert bool(((out_x >> 4) != 0).any()), "high nibbles must carry the odd elements"
 
 
 def test_one_scale_word_per_row_with_any_stride() -> None:
@@ -324,30 +275,28 @@ def test_int8_output_buffer_accepted() -> None:
     x = random_x(3, 128, seed=9)
     out_x = torch.zeros(3, 64, dtype=torch.int8)
     out_sf = torch.zeros(3, 2, dtype=torch.int32)
-    kernels.stage_nvfp4_activations_static(x, 0.01, out_x, out_sf)
-    p, _ = quantize_nvfp4_activation_static(x, 0.01)
+    kernels.stage_nvfp4_activations_per_token(x, out_x, out_sf, torch.zeros(3))
+    p, _, _ = quantize_nvfp4_activation_per_token(x)
     assert_bitwise_equal(out_x.view(torch.uint8), p, "x via an int8 buffer")
 
 
 def test_strided_input_rows() -> None:
     base = random_x(6, 256, seed=11)
-    x = base[::2, :192]  # row stride 512, unit column stride
-    check_static(x, 0.01)
-    check_per_token(x)
+    check_per_token(base[::2, :192])  # row stride 512, unit column stride
 
 
 # --- bad input: one clear FormatError ------------------------------------------------------
-def _static_call(x, scale=0.01, out_x=None, out_sf=None):
+def _call(x, out_x=None, out_sf=None):
     t, h = x.shape if x.dim() == 2 else (1, 64)
     ox = torch.zeros(t, h // 2, dtype=torch.uint8) if out_x is None else out_x
     osf = torch.zeros(t, max(h // 64, 1), dtype=torch.int32) if out_sf is None else out_sf
-    kernels.stage_nvfp4_activations_static(x, scale, ox, osf)
+    kernels.stage_nvfp4_activations_per_token(x, ox, osf, torch.zeros(t))
 
 
 @pytest.mark.parametrize("h", [16, 48, 96, 7160])
 def test_hidden_not_a_multiple_of_64_is_rejected(h: int) -> None:
     with pytest.raises(FormatError, match=r"^x: expected hidden size H a positive multiple of 64"):
-        _static_call(torch.zeros(2, h, dtype=torch.bfloat16))
+        _call(torch.zeros(2, h, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize(("kwargs", "pattern"), [
@@ -356,23 +305,17 @@ def test_hidden_not_a_multiple_of_64_is_rejected(h: int) -> None:
     ({"out_x": torch.zeros(2, 128, dtype=torch.uint8)}, r"^out_x: expected shape \(2, 64\)"),
     ({"out_sf": torch.zeros(2, 8, dtype=torch.uint8)}, r"^out_x_sf: expected dtype torch.int32"),
     ({"out_sf": torch.zeros(2, 8, dtype=torch.int32)}, r"^out_x_sf: expected shape \(2, 2\)"),
-    ({"scale": 0.0}, r"^input_scale: expected a finite value > 0"),
-    ({"scale": -1.0}, r"^input_scale: expected a finite value > 0"),
-    ({"scale": float("inf")}, r"^input_scale: expected a finite value > 0"),
-    ({"scale": float("nan")}, r"^input_scale: expected a finite value > 0"),
-    ({"scale": torch.tensor([0.0])}, r"^input_scale: expected a finite value > 0"),
-    ({"scale": torch.ones(2)}, r"^input_scale: expected one element"),
 ])
-def test_static_bad_input(kwargs: dict, pattern: str) -> None:
+def test_bad_input(kwargs: dict, pattern: str) -> None:
     x = kwargs.pop("x", torch.zeros(2, 128, dtype=torch.bfloat16))
     with pytest.raises(FormatError, match=pattern):
-        _static_call(x, **kwargs)
+        _call(x, **kwargs)
 
 
 def test_non_unit_stride_along_h_is_rejected() -> None:
     x = torch.zeros(2, 256, dtype=torch.bfloat16)[:, ::2]
     with pytest.raises(FormatError, match=r"^x: expected unit stride along H"):
-        _static_call(x)
+        _call(x)
 
 
 def test_per_token_bad_scales_buffer() -> None:

@@ -1,10 +1,17 @@
 """Scale-factor and weight layouts read by DeepGEMM's SM100 kernels (NVFP4 mega-MoE).
 
-Reference: upstream deepseek-ai/DeepGEMM 2.8.0 (commit 0274ad7b), the ref our
-image pins: ``deep_gemm/mega/__init__.py`` (``_interleave_weights``,
-``_transpose_sf_for_utccp``, ``transform_weights_for_mega_moe``) and
-``csrc/apis/mega_moe.hpp`` (input checks of ``fp4_fp4_mega_moe``). Re-derived,
-not copied; each transform has a named inverse and a round-trip test.
+Reference: vLLM 0.34.0, ``vllm/model_executor/layers/fused_moe/deep_gemm_mega_moe.py``:
+the layouts ``DeepGemmMegaMoEExperts`` (``weight_format=MEGA_MOE_NVFP4``) writes
+at load time for the vendored DeepGEMM 2.8.1 ``nvfp4_mega_moe`` —
+``_register_weight`` (int32 SF parameters, MN-major), ``_pack_scale`` (four E4M3
+bytes per int32 along K) and ``_kernel_layout_shard`` (gate/up interleave by 8
+rows, UTCCP transpose of SF rows). vLLM writes them checkpoint shard by shard;
+:func:`transform_nvfp4_for_mega_moe` gives the same bytes (and strides, where
+``MN % 4 == 0``) from stacked experts. They are also the layouts of upstream
+DeepGEMM 2.8.0 (commit 0274ad7b: ``deep_gemm/mega/__init__.py``
+``_interleave_weights``, ``_transpose_sf_for_utccp``), from which they were first
+derived. Re-derived, not copied; each transform has a named inverse and a
+round-trip test.
 
 Layouts:
 
@@ -13,15 +20,18 @@ Layouts:
   Packing is a byte view, so no shift by ≥ 32 can exist (the earlier attempt
   shifted an int32 by 32 to place bytes 4..7).
 * **MN-major, TMA-aligned** — SF ``[..., MN, W]`` with ``stride(-2) == 1`` and
-  ``stride(-1) == align(MN, 4)`` (16-byte TMA rows of int32).
+  ``stride(-1) == align(MN, 4)`` (16-byte TMA rows of int32; vLLM allocates
+  ``stride(-1) == MN``, the same wherever ``MN % 4 == 0``, as at DeepSeek V4 shapes).
 * **Gate/up interleave** — L1 ``[E, 2I, ...]`` rows become
   ``[gate 0..7, up 0..7, gate 8..15, up 8..15, ...]`` (granularity 8) so one
-  UMMA tile holds matching gate and up rows for the fused SwiGLU. SGLang's fork
-  uses a different even/odd pattern for its ``nvfp4xnvfp4`` kind; we follow
-  upstream because that is what the image builds.
+  UMMA tile holds matching gate and up rows for the fused SwiGLU (vLLM: row ``r``
+  of w1 (``half = 0``) or w3 (``half = 1``) → ``(r // 8) * 16 + 8 * half + r % 8``).
+  SGLang's fork uses a different even/odd pattern for its ``nvfp4xnvfp4`` kind.
 * **UTCCP transpose** — within each 128-row group of SF words, new row
   ``4i + j`` = old row ``32j + i`` (the 4×32 → 32×4 order the tensor-memory
-  copy ``SM100_UTCCP_4x32dp128bit`` reads).
+  copy ``SM100_UTCCP_4x32dp128bit`` reads); L1 SFs are interleaved first, which
+  vLLM writes in one step: w1/w3 SF row ``64b + 16j + 8q + m`` →
+  ``128b + 64q + 32·half + 4m + j``.
 """
 
 from __future__ import annotations
@@ -145,7 +155,12 @@ def nvfp4_sf_to_deepgemm(sf: torch.Tensor) -> torch.Tensor:
 def transform_nvfp4_for_mega_moe(
     w13: torch.Tensor, w13_sf: torch.Tensor, w2: torch.Tensor, w2_sf: torch.Tensor,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Stacked ModelOpt NVFP4 experts → the operands of ``deep_gemm.fp4_fp4_mega_moe``.
+    """Stacked ModelOpt NVFP4 experts → the weight operands of DeepGEMM ``nvfp4_mega_moe``.
+
+    The same bytes (and strides, where ``2I % 4 == 0`` and ``H % 4 == 0``) as the
+    ``w13_weight``, ``w13_weight_scale``, ``w2_weight`` and ``w2_weight_scale``
+    parameters that vLLM 0.34.0's ``DeepGemmMegaMoEExperts`` (``MEGA_MOE_NVFP4``)
+    loads from the same checkpoint tensors.
 
     Inputs (checkpoint layout, w13 = [w1 (gate); w3 (up)] stacked per expert):
       w13 uint8 ``[E, 2I, H/2]``, w13_sf e4m3 ``[E, 2I, H/16]``,
@@ -154,7 +169,7 @@ def transform_nvfp4_for_mega_moe(
     (l2 int8 [E, H, I/2], l2_sf int32 [E, H, I/64]))``; SFs MN-major. L1 rows
     (weights and SF) gate/up-interleaved, both SFs UTCCP-transposed; L2
     weights unchanged. Global scales are not touched: they go to the kernel's
-    per-expert alphas, never into these bytes.
+    per-expert alphas (``l1_alpha``, ``l2_alpha``), never into these bytes.
     """
     for name, w, sf in (("w13", w13, w13_sf), ("w2", w2, w2_sf)):
         expect(w.dim() == 3, name, "[E, N, K/2]", tuple(w.shape))

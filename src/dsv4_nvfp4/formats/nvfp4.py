@@ -66,7 +66,7 @@ def true_div(x: torch.Tensor, divisor: float) -> torch.Tensor:
     reciprocal, while the CPU divides, so the same reference gave different
     bits at exact E4M3 ties on the two devices. Dividing by a 0-d tensor on
     ``x``'s device is a true division everywhere (and is what the Triton
-    kernels compute).
+    kernel computes).
     """
     return x / torch.full((), divisor, dtype=torch.float32, device=x.device)
 
@@ -122,7 +122,7 @@ def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor,
 
 def quantize_nvfp4_activation_static(x: torch.Tensor, input_scale: torch.Tensor | float
                                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Static-global-scale activation quantization (vLLM / FlashInfer / upstream DeepGEMM).
+    """Static-global-scale activation quantization: one calibrated scale for every token.
 
     ``input_scale`` is the checkpoint's calibrated ``input_scale`` (= act_amax / 2688).
     With ``G = 1 / input_scale`` (fp32)::
@@ -131,9 +131,9 @@ def quantize_nvfp4_activation_static(x: torch.Tensor, input_scale: torch.Tensor 
         codes = RNE_e2m1(x · (G / fp32(SF)))          (SF == 0 → codes 0)
         x    ≈ e2m1 · fp32(SF) · input_scale
 
-    DeepGEMM's ``fp4_fp4_mega_moe`` reads only (codes, SF); the caller folds
-    ``input_scale`` into ``l1_alphas``. Returns packed uint8 ``[T, H/2]`` and
-    E4M3 SF ``[T, H/16]``.
+    A reference: vLLM 0.34.0's NVFP4 MegaMoE stages its input per token instead
+    (:func:`quantize_nvfp4_activation_per_token`). Returns packed uint8 ``[T, H/2]``
+    and E4M3 SF ``[T, H/16]``.
     """
     expect(x.is_floating_point(), "x", "a floating-point tensor", x.dtype)
     blocks = _blocks(x, NVFP4_GROUP, "x").float()
@@ -151,7 +151,18 @@ def quantize_nvfp4_activation_static(x: torch.Tensor, input_scale: torch.Tensor 
 
 def quantize_nvfp4_activation_per_token(x: torch.Tensor
                                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two-level per-token activation quantization (SGLang's DeepGEMM fork, ``nvfp4xnvfp4``).
+    """Two-level per-token activation quantization, the input of vLLM's NVFP4 MegaMoE.
+
+    vLLM 0.34.0's ``DeepGemmMegaMoEExperts`` (``MEGA_MOE_NVFP4``) calls DeepGEMM
+    ``nvfp4_mega_moe`` with ``use_x_scales=True``: packed E2M1 ``x``, int32 ``x_sf``
+    (four E4M3 block-16 scales per word, ``pack_sf_bytes_to_int32``) and fp32
+    per-token ``x_scales`` (= ``pts``). The convention was first defined by
+    SGLang's DeepGEMM fork (``nvfp4xnvfp4``). vLLM's own staging kernel
+    (``_prepare_megamoe_nvfp4_inputs_kernel``,
+    ``vllm/model_executor/layers/fused_moe/prepare_megamoe.py``) is not
+    byte-identical to this: ``pts = max(row_amax, 1e-12) * fp32(1/2688)``, it
+    divides by ``pts`` and then by the SF, floors the SF at 2⁻⁹ and writes code 0
+    for negative values that round to zero (``docs/kernels.md``).
 
     No calibrated scale is needed::
 

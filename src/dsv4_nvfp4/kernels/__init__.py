@@ -1,11 +1,11 @@
 """Triton kernels beside their torch references in :mod:`dsv4_nvfp4.formats`.
 
-* :func:`stage_nvfp4_activations_static` / :func:`stage_nvfp4_activations_per_token`:
-  BF16/FP16 hidden states → packed E2M1 + UE4M3 block-16 scale words, the
-  input buffer of DeepGEMM's NVFP4 mega-MoE (see ``docs/kernels.md``).
-* :func:`dequantize_nvfp4_to_bf16`: NVFP4 weights → BF16.
+* :func:`stage_nvfp4_activations_per_token`: BF16/FP16 hidden states → packed
+  E2M1, int32 words of four E4M3 block-16 scales and fp32 per-token scales, the
+  activation input of vLLM 0.34.0's NVFP4 MegaMoE (DeepGEMM ``nvfp4_mega_moe``
+  with ``use_x_scales=True``; see ``docs/kernels.md``).
 
-Each is bit-exact with its ``formats`` reference on the GPU and in Triton's CPU
+It is bit-exact with its ``formats`` reference on the GPU and in Triton's CPU
 interpreter (every rounding is done on bit patterns, see ``_bits.py``).
 
 Names are resolved lazily so that ``import dsv4_nvfp4.kernels.interpret`` does
@@ -19,9 +19,7 @@ from typing import Any
 
 _EXPORTS = {
     "TileConfig": "._config",
-    "dequantize_nvfp4_to_bf16": ".dequant",
     "stage_nvfp4_activations_per_token": ".staging",
-    "stage_nvfp4_activations_static": ".staging",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,18 +1,17 @@
 """Exact bit-level building blocks shared by the Triton kernels.
 
 Why integer arithmetic: Triton's interpreter (the CPU CI) converts float→fp8
-and float→bf16 inexactly (no carry into the exponent, subnormals truncated,
-ties rounded up), and on the GPU Triton's ``/`` is an approximate division.
-Every rounding step here is therefore spelled out on the IEEE bit patterns
-with integer operations, which numpy (interpreter) and the GPU evaluate
-identically, so one code path is bit-exact on both. Divisions use
-``tl.math.div_rn`` (IEEE round-to-nearest on the GPU, numpy's true division
-in the interpreter).
+inexactly (no carry into the exponent, subnormals truncated, ties rounded up),
+and on the GPU Triton's ``/`` is an approximate division. Every rounding step
+here is therefore spelled out on the IEEE bit patterns with integer operations,
+which numpy (interpreter) and the GPU evaluate identically, so one code path is
+bit-exact on both. Divisions use ``tl.math.div_rn`` (IEEE round-to-nearest on
+the GPU, numpy's true division in the interpreter).
 
-On the GPU the three conversions that the hardware does exactly (fp32 →
-E4M3 with RNE and saturation, E4M3 → fp32, fp32 → bf16 with RNE) use its
-instructions instead (``HW=True``, a few instructions fewer per element);
-the GPU tests compare both forms with ``formats`` over every fp32 input.
+On the GPU the two conversions that the hardware does exactly (fp32 →
+E4M3 with RNE and saturation, E4M3 → fp32) use its instructions instead
+(``HW=True``, a few instructions fewer per element); the GPU tests compare
+both forms with ``formats`` over every fp32 input.
 
 All shifts are by constants or clamped amounts below 32 (the earlier attempt
 shifted an int32 by 32, which is poison in LLVM).
@@ -26,8 +25,7 @@ The functions mirror :mod:`dsv4_nvfp4.formats`:
   to ±6, NaN → 7, -0.0 → 0, negative values that round to zero → 8);
   :func:`e2m1_magnitude_bits` / :func:`e2m1_pair_byte` the same rounding with
   fewer integer instructions, for the per-token staging kernel;
-* :func:`e2m1_decode` = ``formats.e2m1_decode`` (code 8 → -0.0);
-* :func:`f32_to_bf16_bits` = torch's fp32 → bf16 cast (RNE, NaN → 0x7FC0).
+* :func:`pack_sf_words` = ``formats.pack_sf_bytes_to_int32``.
 """
 
 from __future__ import annotations
@@ -171,17 +169,6 @@ def e4m3_to_f32(code, HW: tl.constexpr):
 
 
 @triton.jit
-def bf16_pair_word(lo, hi, HW: tl.constexpr):
-    """Two fp32 → one int32 holding bf16(lo) in the low and bf16(hi) in the high half (RNE)."""
-    if HW:
-        blo = lo.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.int32)
-        bhi = hi.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.int32)
-        return blo | (bhi << 16)
-    else:
-        return f32_to_bf16_bits(lo) | (f32_to_bf16_bits(hi) << 16)
-
-
-@triton.jit
 def e2m1_encode(y):
     """fp32 → E2M1 code (int32 0..15), exactly ``formats.e2m1_encode``.
 
@@ -243,34 +230,6 @@ def e2m1_pair_byte(lo, hi, sign_mask):
     s_lo = tl.umulhi(f32_bits(lo), 2)  # bit 31 → 0 or 1
     s_hi = tl.umulhi(f32_bits(hi), 2)
     return a_lo + s_lo * sign_mask + (a_hi + s_hi * sign_mask) * 16
-
-
-@triton.jit
-def e2m1_decode(code):
-    """E2M1 code (int32, low 4 bits) → fp32 value; code 8 is -0.0 like ``formats``.
-
-    Magnitude codes 2..7 are normal numbers whose fp32 bits are ``(c << 22) +
-    0x3F000000`` (exponent (c >> 1) + 126, mantissa bit c & 1); code 1 is 0.5
-    and code 0 is 0.
-    """
-    c = code & 7
-    mag = (c << 22) + 0x3F000000
-    mag = tl.where(c < 2, tl.where(c == 1, 0x3F000000, 0), mag)
-    return bits_f32(mag | ((code & 8) << 28))
-
-
-@triton.jit
-def f32_to_bf16_bits(x):
-    """fp32 → bf16 bits (int32 0..0xFFFF), round to nearest even like torch; NaN → 0x7FC0.
-
-    torch's scalar cast: ``(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16``, the carry
-    moving into the exponent (up to inf) by itself; every NaN becomes 0x7FC0
-    (torch's vectorised casts may pick another NaN pattern, so tests compare
-    NaN by NaN-ness).
-    """
-    b = f32_bits(x)
-    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
-    return tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Tile shapes for the kernels. Results never depend on them (tests check several).
+"""Tile shapes for the staging kernel. Results never depend on them (tests check several).
 
 On the GPU a program handles a few thousand elements with 16-byte loads; in
 Triton's CPU interpreter (CPU tensors) every program instance costs
@@ -14,12 +14,12 @@ import torch
 
 @dataclass(frozen=True)
 class TileConfig:
-    """``rows`` tokens (or weight rows) × ``block`` columns per program.
+    """``rows`` tokens × ``block`` columns per program.
 
-    ``whole_row`` (per-token staging only): hold each program's rows in registers
-    as ``H / block`` tiles when they fit (:func:`row_fits`), so the input is read
-    once; ``False`` forces the two-pass kernel (row amax, then quantize, the
-    second pass reading from L2), the path for rows too long for registers.
+    ``whole_row``: hold each program's rows in registers as ``H / block`` tiles when
+    they fit (:func:`row_fits`), so the input is read once; ``False`` forces the
+    two-pass kernel (row amax, then quantize, the second pass reading from L2), the
+    path for rows too long for registers.
     """
 
     rows: int
@@ -50,10 +50,7 @@ def pow2_divisor(n: int, cap: int) -> int:
 
 # GPU defaults: the fastest tiles of benchmarks/kernels_bench.py on an H100 (docs/kernels.md).
 GPU_STAGING_BLOCK = 1024
-GPU_STAGING_ROWS = 4
 GPU_PER_TOKEN_ROWS = 1
-GPU_DEQUANT_BLOCK = 1024
-GPU_DEQUANT_ROWS = 2
 # Whole-row per-token kernel: at most this many tiles per row and int32 words per thread
 # (two bf16 each), so that a row stays in registers without spilling (56 words of a 7168 row
 # take 152 registers with 2 warps, compiled for sm_90, no spills).
@@ -63,23 +60,22 @@ GPU_ROW_WORDS_PER_THREAD = 64
 CPU_TILE_ELEMS = 1 << 16
 
 
-def staging_tile(hidden: int, *, per_token: bool, device: torch.device) -> TileConfig:
-    """Tile for the staging kernels; ``hidden % 64 == 0`` so ``block`` divides it and is >= 64."""
+def staging_tile(hidden: int, *, device: torch.device) -> TileConfig:
+    """Tile for the staging kernel; ``hidden % 64 == 0`` so ``block`` divides it and is >= 64."""
     if device.type == "cpu":  # Triton's interpreter
         block = pow2_divisor(hidden, 8192)
         return TileConfig(rows=max(1, CPU_TILE_ELEMS // block), block=block)
     block = pow2_divisor(hidden, GPU_STAGING_BLOCK)
-    rows = GPU_PER_TOKEN_ROWS if per_token else GPU_STAGING_ROWS
-    rows = max(rows, GPU_STAGING_BLOCK * rows // block)  # keep small-H tiles large enough
-    if per_token:
-        # One whole block-16 group (8 words) per thread and tile: the group amax and the codes
-        # need no shuffles. More warps only when the row would not fit in registers.
-        warps = max(1, rows * block // 16 // 32)
-        while warps <= 16:
-            cfg = TileConfig(rows=rows, block=block, num_warps=warps)
-            if row_fits(cfg, hidden, device):
-                return cfg
-            warps *= 2
+    # keep small-H tiles large enough
+    rows = max(GPU_PER_TOKEN_ROWS, GPU_STAGING_BLOCK * GPU_PER_TOKEN_ROWS // block)
+    # One whole block-16 group (8 words) per thread and tile: the group amax and the codes
+    # need no shuffles. More warps only when the row would not fit in registers.
+    warps = max(1, rows * block // 16 // 32)
+    while warps <= 16:
+        cfg = TileConfig(rows=rows, block=block, num_warps=warps)
+        if row_fits(cfg, hidden, device):
+            return cfg
+        warps *= 2
     return TileConfig(rows=rows, block=block)
 
 
@@ -95,12 +91,3 @@ def row_fits(cfg: TileConfig, hidden: int, device: torch.device) -> bool:
     words_per_thread = cfg.rows * hidden // 2 // (32 * cfg.num_warps)
     return device.type == "cpu" or words_per_thread <= GPU_ROW_WORDS_PER_THREAD
 
-
-def dequant_tile(k: int, *, device: torch.device) -> TileConfig:
-    """Tile for the dequant kernel; ``k % 16 == 0`` so ``block`` divides it and is >= 16."""
-    if device.type == "cpu":  # Triton's interpreter
-        block = pow2_divisor(k, 8192)
-        return TileConfig(rows=max(1, CPU_TILE_ELEMS // block), block=block)
-    block = pow2_divisor(k, GPU_DEQUANT_BLOCK)
-    rows = max(GPU_DEQUANT_ROWS, GPU_DEQUANT_BLOCK * GPU_DEQUANT_ROWS // block)
-    return TileConfig(rows=rows, block=block)

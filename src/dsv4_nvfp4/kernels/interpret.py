@@ -18,7 +18,7 @@ import os
 import sys
 from types import ModuleType
 
-_MODULES = ("_bits", "_config", "staging", "dequant")
+_MODULES = ("_bits", "_config", "staging")
 
 
 class InterpreterUnavailable(RuntimeError):
@@ -48,8 +48,7 @@ def load_interpreted() -> ModuleType:
             "with TRITON_INTERPRET=1")
     pkg = importlib.import_module("dsv4_nvfp4.kernels")
     staging = importlib.import_module("dsv4_nvfp4.kernels.staging")
-    if not _interpreted(staging._stage_static_kernel):
+    if not _interpreted(staging._stage_per_token_kernel):
         for name in _MODULES:
             importlib.reload(sys.modules[f"dsv4_nvfp4.kernels.{name}"])
-    importlib.import_module("dsv4_nvfp4.kernels.dequant")
     return pkg

@@ -1,29 +1,43 @@
-"""NVFP4 activation staging: BF16/FP16 hidden states → the DeepGEMM mega-MoE input buffer.
+"""NVFP4 activation staging: BF16/FP16 hidden states → the NVFP4 mega-MoE input buffer.
 
-What the SM100 NVFP4 mega-MoE (upstream DeepGEMM ``fp4_fp4_mega_moe``, buffer
-``mma_type='fp4xfp4'``) reads from its symmetric buffer for ``T`` local tokens:
+The consumer is vLLM 0.34.0's NVFP4 MegaMoE: ``DeepGemmMegaMoEExperts`` with
+``MEGA_MOE_NVFP4`` calls the vendored DeepGEMM 2.8.1 ``nvfp4_mega_moe`` with
+``use_x_scales=True`` (``vllm/model_executor/layers/fused_moe/deep_gemm_mega_moe.py``,
+``vllm/third_party/deep_gemm/mega/nvfp4.py``). For ``T`` local tokens it reads
+these views of its ``NVFP4SymmBuffer``:
 
-* ``x``    uint8 ``[T, H/2]``: packed E2M1, element ``2i`` in the low nibble;
-* ``x_sf`` int32 ``[T, H/64]``, row-major (K-major): four UE4M3 block-16 scales
-  per word, byte ``i`` of word ``j`` = group ``4j+i``.
+* ``x``        uint8 ``[T, H/2]``: packed E2M1, element ``2i`` in the low nibble;
+* ``x_sf``     int32 ``[T, H/64]``, row-major (K-major): four E4M3 block-16 scales
+  per word, byte ``i`` of word ``j`` = group ``4j+i``;
+* ``x_scales`` fp32 ``[T]``: one dequantization scale per token, which the kernel
+  multiplies into the token's L1 accumulator together with ``l1_alpha``.
 
-Two scale conventions (numbers defined by :mod:`dsv4_nvfp4.formats`):
+:func:`stage_nvfp4_activations_per_token` writes exactly these three, bit-exact
+with ``formats.quantize_nvfp4_activation_per_token``. It does not write the
+routing views (``topk_idx``, ``topk_weights``), ``l2_alpha`` or a fused shared
+expert's input, which vLLM's own staging kernel writes in the same launch.
 
-* :func:`stage_nvfp4_activations_static` — one calibrated global scale
-  (``input_scale``, ``G = 1/input_scale``), what upstream ``fp4_fp4_mega_moe``
-  expects; the caller folds ``input_scale`` into ``l1_alphas``. Bit-exact with
-  ``formats.quantize_nvfp4_activation_static``.
-* :func:`stage_nvfp4_activations_per_token` — SGLang's DeepGEMM fork
-  (``nvfp4xnvfp4``): a per-token fp32 scale ``pts`` written beside the buffer,
-  no calibration needed. Bit-exact with
-  ``formats.quantize_nvfp4_activation_per_token``.
+vLLM 0.34.0 stages this buffer itself with ``_prepare_megamoe_nvfp4_inputs_kernel``
+(``vllm/model_executor/layers/fused_moe/prepare_megamoe.py``), whose numbers are
+not those of ``formats``, so the two are not byte-identical:
 
-Both write into caller-provided tensors (no allocation on the hot path), accept
+* token scale: vLLM ``max(row_amax, 1e-12) * fp32(1/2688)``; here
+  ``max(row_amax, 1e-4) / 2688`` (a different floor, and an IEEE division);
+* vLLM divides twice, ``v = x / x_scale``, ``SF = e4m3(clamp(max|v| * fp32(1/6),
+  2**-9, 448))``, ``codes = E2M1(v / fp32(SF))``; here once,
+  ``SF = e4m3(block_amax / (6 * pts))``, ``codes = E2M1(x / (fp32(SF) * pts))``, so
+  roundings at exact ties can differ;
+* vLLM's ``2**-9`` floor gives an all-zero block SF byte 0x01 (here 0x00), and a
+  block whose SF rounds to 0 here (block amax below about ``2**-10 / 448`` of the
+  row amax; all its codes 0) keeps nonzero codes there;
+* vLLM's E2M1 drops the sign of a negative value that rounds to zero (code 0; here
+  8, ModelOpt's policy) and gives NaN code 0 (here 7);
+* vLLM requires ``H % 128 == 0``; this kernel any positive multiple of 64.
+
+It writes into caller-provided tensors (no allocation on the hot path), accepts
 any ``T >= 0`` and bf16 or fp16 input with ``H`` a positive multiple of 64, and
-never read or write outside ``[T, ...]``. Validation raises
+never reads or writes outside ``[T, ...]``. Validation raises
 :class:`dsv4_nvfp4.formats.FormatError` (a ValueError) naming the argument.
-Scale values given as device tensors are not inspected (that would need a
-host sync on the hot path); a Python float is checked to be finite and > 0.
 """
 
 from __future__ import annotations
@@ -63,19 +77,17 @@ def _group_amax(lo, hi, ROWS: tl.constexpr, G: tl.constexpr, HW: tl.constexpr):
 
 
 @triton.jit
-def _packed_codes(lo, hi, scale, rcp, ROWS: tl.constexpr, G: tl.constexpr, MODE: tl.constexpr):
-    """Per (even, odd) pair the byte code(lo) | code(hi) << 4 of the scaled values.
+def _packed_codes(lo, hi, scale, rcp, ROWS: tl.constexpr, G: tl.constexpr,
+                  EXACT: tl.constexpr):
+    """Per (even, odd) pair the byte code(lo) | code(hi) << 4 of ``x / scale``.
 
-    MODE 0: ``x * scale``; 1: ``x / scale`` (IEEE division); 2: ``x / scale``
-    from ``rcp = 1 / scale`` (:func:`div_by_reciprocal`, same bits, fewer instructions).
+    EXACT: IEEE division; otherwise from ``rcp = 1 / scale`` (:func:`div_by_reciprocal`,
+    the same bits, fewer instructions).
     """
     lo3 = tl.reshape(lo, [ROWS, G, 8])
     hi3 = tl.reshape(hi, [ROWS, G, 8])
     s3 = scale[:, :, None]
-    if MODE == 0:
-        lo3 = lo3 * s3
-        hi3 = hi3 * s3
-    elif MODE == 1:
+    if EXACT:
         lo3 = div_rn(lo3, s3)
         hi3 = div_rn(hi3, s3)
     else:
@@ -83,42 +95,6 @@ def _packed_codes(lo, hi, scale, rcp, ROWS: tl.constexpr, G: tl.constexpr, MODE:
         lo3 = div_by_reciprocal(lo3, s3, r3)
         hi3 = div_by_reciprocal(hi3, s3, r3)
     return e2m1_encode(lo3) | (e2m1_encode(hi3) << 4)
-
-
-@triton.jit
-def _stage_static_kernel(x_ptr, scale_ptr, out_x_ptr, out_sf_ptr, T,
-                         stride_xw, stride_ox, stride_osf,
-                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr, IS_BF16: tl.constexpr,
-                         HW: tl.constexpr):
-    """One tile of ROWS tokens × BLOCK_H columns; every 16-column group is independent.
-
-    ``x_ptr`` is the input viewed as int32 words (two 16-bit values each), so a
-    word index is also the index of its output byte.
-    """
-    G: tl.constexpr = BLOCK_H // 16
-    W: tl.constexpr = BLOCK_H // 2
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    rmask = (rows < T)[:, None]
-    rows64 = rows.to(tl.int64)[:, None]
-    wcols = tl.program_id(1) * W + tl.arange(0, W)[None, :]
-    lo, hi = pair_to_f32(tl.load(x_ptr + rows64 * stride_xw + wcols, mask=rmask, other=0),
-                         IS_BF16)
-
-    # formats: g = 1 / input_scale; SF = e4m3(min((amax / 6) * g, 448))
-    g = div_rn(tl.full([1, 1], 1.0, tl.float32), tl.load(scale_ptr))
-    amax = _group_amax(lo, hi, ROWS, G, HW)
-    sf_byte = e4m3_encode(div_rn(amax, tl.full([ROWS, G], 6.0, tl.float32)) * g, HW)
-    # codes = E2M1(x * (g / fp32(SF))); SF 0 → multiplier 0
-    sf = e4m3_to_f32(sf_byte, HW)
-    nz = sf != 0.0
-    mult = tl.where(nz, div_rn(g, tl.where(nz, sf, 1.0)), 0.0)
-    packed = _packed_codes(lo, hi, mult, mult, ROWS, G, 0)
-
-    tl.store(out_x_ptr + rows64 * stride_ox + wcols, tl.reshape(packed, [ROWS, W]).to(tl.uint8),
-             mask=rmask)
-    scols = tl.program_id(1) * (BLOCK_H // 64) + tl.arange(0, BLOCK_H // 64)[None, :]
-    tl.store(out_sf_ptr + rows64 * stride_osf + scols, pack_sf_words(sf_byte, ROWS, G),
-             mask=rmask)
 
 
 @triton.jit
@@ -161,9 +137,9 @@ def _stage_per_token_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
         safe = tl.where(zero, 1.0, denom)
         if fast:
             rcp = div_rn(tl.full([ROWS, G], 1.0, tl.float32), safe)
-            packed = _packed_codes(lo, hi, safe, rcp, ROWS, G, 2)
+            packed = _packed_codes(lo, hi, safe, rcp, ROWS, G, False)
         else:
-            packed = _packed_codes(lo, hi, safe, safe, ROWS, G, 1)
+            packed = _packed_codes(lo, hi, safe, safe, ROWS, G, True)
         packed = tl.where(zero[:, :, None], 0, packed)  # SF 0 → codes 0
 
         tl.store(out_x_ptr + rows64 * stride_ox + (w0 + offs),
@@ -196,7 +172,7 @@ def _quantize_chunk(w, amax, pts2, six_pts, rcp_six_pts, ROWS: tl.constexpr, G: 
     safe = tl.where(zero, 1.0, denom)
     lo, hi = pair_to_f32(w, IS_BF16)
     if EXACT:
-        packed = _packed_codes(lo, hi, safe, safe, ROWS, G, 1)
+        packed = _packed_codes(lo, hi, safe, safe, ROWS, G, True)
         packed = tl.where(zero[:, :, None], 0, packed)
     else:
         rcp = tl.where(zero, 0.0, div_rn(tl.full([ROWS, G], 1.0, tl.float32), safe))
@@ -323,38 +299,6 @@ def _check_staging(x: torch.Tensor, out_x: torch.Tensor, out_x_sf: torch.Tensor)
                    out_x_sf, tokens, hidden)
 
 
-def scale_tensor(value: torch.Tensor | float, name: str, device: torch.device, *,
-                 positive: bool = True) -> torch.Tensor:
-    """A scalar scale as a one-element fp32 tensor on ``device`` (kernels read it there, no sync).
-
-    With ``positive`` a float (or a CPU tensor) must be finite and > 0; a device
-    tensor is not inspected, because that would stall the stream.
-    """
-    if isinstance(value, torch.Tensor):
-        expect(value.numel() == 1, name, "one element", tuple(value.shape))
-        expect(value.is_floating_point(), name, "a floating-point tensor", value.dtype)
-        t = value.detach().reshape(1).to(device=device, dtype=torch.float32)
-        if positive and value.device.type == "cpu":
-            v = float(t.cpu()[0])
-            expect(v > 0 and v != float("inf"), name, "a finite value > 0", v)
-        return t
-    expect(isinstance(value, (int, float)) and not isinstance(value, bool), name,
-           "a float or a one-element tensor", type(value).__name__)
-    v = float(value)
-    if positive:
-        expect(v > 0 and v != float("inf"), name, "a finite value > 0", v)
-    return torch.tensor([v], dtype=torch.float32, device=device)
-
-
-def _launch_static(s: _Staged, scale: torch.Tensor, cfg: TileConfig) -> None:
-    grid = (triton.cdiv(s.tokens, cfg.rows), s.hidden // cfg.block)
-    _stage_static_kernel[grid](
-        s.x, scale, s.out_x, s.out_x_sf, s.tokens,
-        s.x.stride(0), s.out_x.stride(0), s.out_x_sf.stride(0),
-        ROWS=cfg.rows, BLOCK_H=cfg.block, IS_BF16=s.is_bf16, HW=s.x.is_cuda,
-        num_warps=cfg.num_warps)
-
-
 def _launch_per_token(s: _Staged, out_x_scales: torch.Tensor, cfg: TileConfig) -> None:
     grid = (triton.cdiv(s.tokens, cfg.rows),)
     if row_fits(cfg, s.hidden, s.x.device):
@@ -372,34 +316,6 @@ def _launch_per_token(s: _Staged, out_x_scales: torch.Tensor, cfg: TileConfig) -
         num_warps=cfg.num_warps)
 
 
-def stage_nvfp4_activations_static(x: torch.Tensor, input_scale: torch.Tensor | float,
-                                   out_x: torch.Tensor, out_x_sf: torch.Tensor,
-                                   *, config: TileConfig | None = None) -> None:
-    """Quantize ``x [T, H]`` with one static global scale into the mega-MoE buffer.
-
-    Args:
-        x: bf16 or fp16 ``[T, H]``, ``H % 64 == 0``, unit stride along H.
-        input_scale: the checkpoint's activation ``input_scale`` (= act_amax / 2688),
-            a float or a one-element tensor; the kernel uses ``G = 1 / input_scale``.
-        out_x: uint8 (or int8) ``[T, H/2]``: packed E2M1, element 2i in the low nibble.
-        out_x_sf: int32 ``[T, H/64]``: UE4M3 block scales, byte i of word j = group 4j+i.
-        config: tile shape override (benchmarks and tests only; results do not depend on it).
-
-    Numbers, per 16-element block (``formats.quantize_nvfp4_activation_static``)::
-
-        SF    = e4m3(min((amax / 6) * G, 448))       zero block → SF byte 0
-        codes = E2M1(x * (G / fp32(SF)))             SF 0 → codes 0
-        x    ≈ e2m1 * fp32(SF) * input_scale         (input_scale goes into l1_alphas)
-    """
-    s = _check_staging(x, out_x, out_x_sf)
-    scale = scale_tensor(input_scale, "input_scale", x.device)
-    if s.tokens == 0:
-        return
-    cfg = check_tile(config, s.hidden, H_MULTIPLE) if config else staging_tile(
-        s.hidden, per_token=False, device=x.device)
-    _launch_static(s, scale, cfg)
-
-
 def stage_nvfp4_activations_per_token(x: torch.Tensor, out_x: torch.Tensor,
                                       out_x_sf: torch.Tensor, out_x_scales: torch.Tensor,
                                       *, config: TileConfig | None = None) -> None:
@@ -412,7 +328,7 @@ def stage_nvfp4_activations_per_token(x: torch.Tensor, out_x: torch.Tensor,
         out_x_scales: fp32 ``[T]``: the per-token scale ``pts``.
         config: tile shape override (benchmarks and tests only; results do not depend on it).
 
-    Numbers (``formats.quantize_nvfp4_activation_per_token``, SGLang's fork)::
+    Numbers (``formats.quantize_nvfp4_activation_per_token``)::
 
         pts   = max(row_amax, 1e-4) / 2688
         SF    = e4m3(block_amax / (6 * pts))         (<= 448 by construction)
@@ -433,5 +349,5 @@ def stage_nvfp4_activations_per_token(x: torch.Tensor, out_x: torch.Tensor,
     if s.tokens == 0:
         return
     cfg = check_tile(config, s.hidden, H_MULTIPLE) if config else staging_tile(
-        s.hidden, per_token=True, device=x.device)
+        s.hidden, device=x.device)
     _launch_per_token(s, out_x_scales, cfg)
