@@ -83,3 +83,48 @@ def test_tokenizer_falls_back_to_model_dir(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("MODEL_DIR")
     with pytest.raises(bench.BenchError, match="pass --tokenizer DIR"):
         bench._local_tokenizer("/model")
+
+
+def _report(label: str, gpus: int, points: list[tuple[str, int, float, float]]) -> dict:
+    """A bench.json as ``sweep`` writes it (only the keys ``compare`` reads)."""
+    return {"label": label, "gpus": gpus, "input_len": 1024, "output_len": 1024,
+            "runs": [{"dataset": d, "concurrency": c, "interactivity": x, "tput_per_gpu": y}
+                     for d, c, x, y in points]}
+
+
+def test_compare_plots_each_backend_against_the_anchor(tmp_path) -> None:
+    from dsv4_nvfp4.serving.bench import ANCHOR, main
+
+    a, b = tmp_path / "fusedmoe" / "bench.json", tmp_path / "megamoe" / "bench.json"
+    for path, rep in ((a, _report("fusedmoe", 8, [("random", 1, 90.0, 400.0),
+                                                   ("random", 64, 30.0, 2900.0)])),
+                      (b, _report("megamoe", 8, [("random", 64, 28.0, 3300.0),
+                                                 ("random", 1, 85.0, 380.0),
+                                                 ("chat", 8, 60.0, 900.0)]))):
+        path.parent.mkdir()
+        path.write_text(json.dumps(rep))
+    out = tmp_path / "cmp"
+    assert main(["--compare", str(a), str(b), "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["anchor"] == ANCHOR
+    assert [c["label"] for c in summary["curves"]] == [
+        "fusedmoe: random prompts", "megamoe: chat prompts", "megamoe: random prompts"]
+    # points sorted by tokens/s per user, values carried over unchanged
+    assert summary["curves"][2]["points"] == [
+        {"interactivity": 28.0, "tput_per_gpu": 3300.0, "concurrency": 64},
+        {"interactivity": 85.0, "tput_per_gpu": 380.0, "concurrency": 1}]
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_refuses_sweeps_that_do_not_compare(tmp_path, capsys) -> None:
+    from dsv4_nvfp4.serving.bench import main
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_report("x", 8, [("random", 1, 1.0, 1.0)])))
+    b.write_text(json.dumps(_report("y", 4, [("random", 1, 1.0, 1.0)])))
+    assert main(["--compare", str(a), str(b), "--out-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bench: {b}: gpus 4 differs from {a}'s 8; the sweeps do not compare"]
+    b.write_text("not json")
+    assert main(["--compare", str(a), str(b), "--out-dir", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.startswith(f"bench: {b}: expected a bench.json report")

@@ -5,9 +5,10 @@ InferenceX and vLLM's recipes measure with, so our numbers compare with theirs.
 The wrapper adds what a single run lacks: a sweep over concurrencies, two prompt
 sets — random token prompts (the InferenceX 1k/1k convention) and chat-formatted
 natural-language prompts (MTP acceptance is only meaningful on those; random
-tokens depress it, research ``peers_anchors.md`` §3) — the MTP acceptance of
-each run from the ``/metrics`` counters, and one plot of throughput per GPU
-against tokens/s per user with the InferenceX anchor drawn in.
+tokens depress it) — the MTP acceptance of each run from the ``/metrics``
+counters, and one plot of throughput per GPU against tokens/s per user with the
+InferenceX anchor drawn in. ``--compare`` draws several saved sweeps (for example
+one per ``--moe-backend``, each run with its own ``--label``) on one plot.
 
 Definitions (InferenceX's): throughput per GPU = total (input + output)
 tokens/s / number of GPUs; tokens/s per user (interactivity) = 1000 / median
@@ -41,7 +42,7 @@ from dsv4_nvfp4.serving import metrics as prom
 from dsv4_nvfp4.serving.openai_http import DEFAULT_URL, api_key_from_env, client
 
 # InferenceX, DeepSeek V4 Pro FP4 + MTP on 8xB200 (vLLM), 1k in / 1k out:
-# 3,139 tok/s/GPU at 32 tok/s/user (peers_anchors.md §3, inferencex.semianalysis.com).
+# 3,139 tok/s/GPU at 32 tok/s/user (inferencex.semianalysis.com).
 ANCHOR = {
     "label": "InferenceX 8xB200 FP4+MTP, 1k/1k",
     "tput_per_gpu": 3139.0,
@@ -146,6 +147,7 @@ class BenchConfig:
     thinking: bool = True
     bench_cmd: str | None = None
     out_dir: Path = Path("reports/bench")
+    label: str | None = None  # this sweep's name in plots (e.g. the MoE backend)
     timeout_s: float = 6 * 3600
 
 
@@ -292,19 +294,30 @@ def run_one(
 # --- sweep, report, plot ---------------------------------------------------------------
 
 
-def plot(runs: list[RunResult], gpus: int, path: Path, title: str) -> Path:
-    """Throughput per GPU against tokens/s per user, one line per prompt set, plus the anchor."""
+Curve = tuple[str, list[tuple[float, float, int]]]  # label, (tok/s/user, tok/s/GPU, conc)
+
+
+def curves_of(runs: list[dict], label: str = "") -> list[Curve]:
+    """One curve per prompt set of a sweep's runs (dicts of :class:`RunResult`)."""
+    prefix = f"{label}: " if label else ""
+    return [
+        (f"{prefix}{dataset} prompts",
+         sorted((r["interactivity"], r["tput_per_gpu"], r["concurrency"])
+                for r in runs if r["dataset"] == dataset))
+        for dataset in sorted({r["dataset"] for r in runs})
+    ]
+
+
+def plot(curves: list[Curve], gpus: int, path: Path, title: str) -> Path:
+    """Throughput per GPU against tokens/s per user, one line per curve, plus the anchor."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for dataset in sorted({r.dataset for r in runs}):
-        pts = sorted(
-            (r.interactivity, r.tput_per_gpu, r.concurrency) for r in runs if r.dataset == dataset
-        )
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{dataset} prompts")
+    for label, pts in curves:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         for x, y, c in pts:
             ax.annotate(f"c={c}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.plot(
@@ -381,6 +394,7 @@ def sweep(cfg: BenchConfig) -> dict:
                     flush=True,
                 )
     report = {
+        "label": cfg.label or cfg.model,
         "url": cfg.url,
         "model": cfg.model,
         "gpus": cfg.gpus,
@@ -395,7 +409,7 @@ def sweep(cfg: BenchConfig) -> dict:
         "runs": [asdict(r) for r in runs],
     }
     png = plot(
-        runs,
+        curves_of(report["runs"]),
         cfg.gpus,
         cfg.out_dir / "bench.png",
         f"{cfg.model}: {cfg.input_len} in / {cfg.output_len} out",
@@ -407,6 +421,48 @@ def sweep(cfg: BenchConfig) -> dict:
     os.replace(tmp, out)
     report["json"] = str(out)
     return report
+
+
+COMPARED_KEYS = ("gpus", "input_len", "output_len")
+
+
+def compare(paths: list[Path], out_dir: Path) -> dict:
+    """Several saved sweeps (``bench.json``) on one plot, each curve named by its label.
+
+    The sweeps must share GPUs, input and output lengths, or their points do not compare.
+    """
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise BenchError(f"{path}: expected a bench.json report, found {err}") from None
+        missing = [k for k in (*COMPARED_KEYS, "runs") if k not in reports[-1]]
+        if missing:
+            raise BenchError(f"{path}: expected a bench.json report, missing {missing}")
+    first = reports[0]
+    for path, rep in zip(paths, reports, strict=True):
+        for key in COMPARED_KEYS:
+            if rep[key] != first[key]:
+                raise BenchError(f"{path}: {key} {rep[key]} differs from {paths[0]}'s "
+                                 f"{first[key]}; the sweeps do not compare")
+    curves = [c for path, rep in zip(paths, reports, strict=True)
+              for c in curves_of(rep["runs"], rep.get("label") or path.parent.name)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot(curves, first["gpus"], out_dir / "compare.png",
+               f"{first['input_len']} in / {first['output_len']} out: "
+               + " vs ".join(rep.get("label") or p.parent.name
+                             for p, rep in zip(paths, reports, strict=True)))
+    summary = {"sources": [str(p) for p in paths], "anchor": ANCHOR, "plot": str(png),
+               "curves": [{"label": label, "points": [
+                   {"interactivity": x, "tput_per_gpu": y, "concurrency": c}
+                   for x, y, c in pts]} for label, pts in curves]}
+    out = out_dir / "compare.json"
+    tmp = out.with_name(".compare.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out)
+    summary["json"] = str(out)
+    return summary
 
 
 def _int_list(text: str) -> list[int]:
@@ -450,6 +506,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-thinking", action="store_true", help="chat_template_kwargs thinking off")
     p.add_argument("--bench-cmd", default=None, help="command that runs 'vllm bench serve'")
     p.add_argument("--out-dir", type=Path, default=Path("reports/bench"))
+    p.add_argument("--label", default=None,
+                   help="name of this sweep in plots (e.g. the --moe-backend); default: model")
+    p.add_argument("--compare", type=Path, nargs="+", default=None, metavar="BENCH_JSON",
+                   help="no sweep: plot these saved bench.json reports together into --out-dir")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -476,6 +536,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         thinking=not args.no_thinking,
         bench_cmd=args.bench_cmd,
         out_dir=args.out_dir,
+        label=args.label,
     )
 
 
@@ -489,6 +550,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.compare:
+        try:
+            summary = compare(args.compare, args.out_dir)
+        except BenchError as err:
+            print(f"bench: {err}", file=sys.stderr)
+            return 1
+        print(f"bench: {len(summary['curves'])} curves compared; {summary['json']}, "
+              f"{summary['plot']}")
+        return 0
     try:
         cfg = config_from_args(args)
         report = sweep(cfg)
