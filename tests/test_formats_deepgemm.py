@@ -58,6 +58,15 @@ def test_group_count_not_multiple_of_four_is_zero_padded():
     assert torch.equal(unpack_sf_int32_to_bytes(words, 6), b)
 
 
+def test_unpack_reads_a_one_word_mn_major_tensor():
+    """K/64 == 1 (e.g. a 128-wide MXFP8 shared-expert down projection): [E, MN, 1] MN-major."""
+    b = torch.arange(2 * 128 * 4, dtype=torch.int32).remainder(251).to(torch.uint8)
+    b = b.reshape(2, 128, 4)
+    mn = to_mn_major_tma_aligned(pack_sf_bytes_to_int32(b))
+    assert mn.shape == (2, 128, 1) and mn.stride(-1) == 128 and mn.stride(-2) == 1
+    assert torch.equal(unpack_sf_int32_to_bytes(mn), b)
+
+
 def test_mn_major_tma_aligned_strides_and_inverse():
     sf = torch.arange(2 * 250 * 7, dtype=torch.int32).reshape(2, 250, 7)
     mn = to_mn_major_tma_aligned(sf)

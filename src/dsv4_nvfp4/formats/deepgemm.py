@@ -75,7 +75,9 @@ def pack_sf_bytes_to_int32(sf: torch.Tensor) -> torch.Tensor:
 def unpack_sf_int32_to_bytes(sf: torch.Tensor, num_groups: int | None = None) -> torch.Tensor:
     """int32 words ``[..., MN, W]`` → bytes ``[..., MN, num_groups]`` (default ``4W``)."""
     expect(sf.dtype == torch.int32, "sf", "int32", sf.dtype)
-    b = sf.contiguous().view(torch.uint8)
+    # A fresh row-major copy: ``contiguous()`` keeps an MN-major ``[..., MN, 1]`` as is
+    # (a size-1 dim counts as contiguous), and the byte view needs stride(-1) == 1.
+    b = sf.new_empty(sf.shape).copy_(sf).view(torch.uint8)
     n = b.shape[-1] if num_groups is None else num_groups
     expect(n <= b.shape[-1], "num_groups", f"<= {b.shape[-1]}", n)
     return b[..., :n].contiguous()
