@@ -1,13 +1,15 @@
 """The Dockerfile, checked without a Docker engine.
 
 - Its ARG defaults equal the one pin file, and `make build` passes the same values.
-- The DeepGEMM ref is a full 40-hex commit SHA (never a branch or tag).
+- It builds no DeepGEMM and installs none: vLLM's vendored copy is the only one
+  (a site-packages `deep_gemm` would replace it for every kernel).
+- Our wheel is installed with vLLM, torch and FlashInfer held at the pins.
 - Stages are named, `COPY --from` names a stage, every plain COPY source exists
   and survives .dockerignore (which keeps secrets and the venv out).
-- The runtime stage runs the doctor, keeps ENTRYPOINT `vllm serve`, carries the
-  OCI labels with the pinned versions.
+- The runtime stage runs the doctor with the build args its labels carry, keeps
+  ENTRYPOINT `vllm serve`, carries the OCI labels with the pinned versions.
 - hadolint (pinned, checked-in config) reports nothing, and does report a bad file.
-- Every patch in patches/ applies with --fuzz=0 to the pinned vLLM's sources.
+(The patches are checked against vLLM 0.34.0's sources in tests/vllm034.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from dsv4_nvfp4.versions import pins
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
-SHA40 = re.compile(r"^[0-9a-f]{40}$")
+# The ARGs that carry a pinned version, each into one image label.
+VERSION_ARGS = ("VLLM_VERSION", "VLLM_TORCH_VERSION", "FLASHINFER_VERSION",
+                "VENDORED_DEEPGEMM_VERSION")
 
 pytestmark = pytest.mark.cpu
 
@@ -75,19 +79,13 @@ def arg_defaults(parsed) -> dict[str, list[str]]:
 def test_arg_defaults_equal_the_pin_file(parsed):
     defaults = arg_defaults(parsed)
     pinned = pins()
-    for name in ("VLLM_IMAGE", "VLLM_VERSION", "DEEPGEMM_REPO", "DEEPGEMM_REF"):
+    for name in ("VLLM_IMAGE", *VERSION_ARGS):
         assert name in defaults, f"Dockerfile has no ARG {name} default"
     for name, values in defaults.items():
         if name in pinned:
             assert set(values) == {pinned[name]}, f"ARG {name}={values} but pin is {pinned[name]}"
-
-
-def test_deepgemm_ref_is_a_full_commit_sha(parsed):
-    assert SHA40.match(pins()["DEEPGEMM_REF"])
-    for value in arg_defaults(parsed)["DEEPGEMM_REF"]:
-        assert SHA40.match(value)
-    # ... and the build itself refuses anything else before cloning.
-    assert '[[ "${DEEPGEMM_REF}" =~ ^[0-9a-f]{40}$ ]]' in DOCKERFILE.read_text()
+    assert defaults["VLLM_IMAGE"] == ["vllm/vllm-openai:v0.34.0"]
+    assert defaults["VENDORED_DEEPGEMM_VERSION"] == ["2.8.1"]
 
 
 def test_make_build_passes_the_pins_as_build_args():
@@ -96,7 +94,7 @@ def test_make_build_passes_the_pins_as_build_args():
     ).stdout
     passed = dict(re.findall(r"--build-arg (\w+)=(\S+)", out))
     pinned = pins()
-    for name in ("VLLM_IMAGE", "VLLM_VERSION", "DEEPGEMM_REPO", "DEEPGEMM_REF"):
+    for name in ("VLLM_IMAGE", *VERSION_ARGS):
         assert passed[name] == pinned[name]
     declared = {
         rest.split("=")[0] for kw, rest in instructions(DOCKERFILE.read_text()) if kw == "ARG"
@@ -107,30 +105,74 @@ def test_make_build_passes_the_pins_as_build_args():
 
 def test_stages_are_named_and_runtime_is_last(parsed):
     names = [name for name, _ in stages(parsed)][1:]
-    assert names == ["base", "deepgemm", "wheel", "runtime"]
+    assert names == ["base", "wheel", "runtime"]
     for keyword, rest in parsed:
         if keyword == "COPY" and "--from=" in rest:
             source_stage = re.search(r"--from=(\S+)", rest).group(1)
             assert source_stage in names
 
 
+def test_no_deepgemm_is_built_or_installed(parsed):
+    """vLLM's vendored DeepGEMM is the only one: no stage, no source, no wheel, no pin of it."""
+    text = DOCKERFILE.read_text()
+    for absent in ("DEEPGEMM_REPO", "DEEPGEMM_REF", "deepseek-ai/DeepGEMM", "git clone",
+                   "git fetch", "bdist_wheel", "setup.py", "deep_gemm-", "TORCH_CUDA_ARCH_LIST"):
+        assert absent not in text, absent
+    installs = [rest for kw, rest in parsed if kw == "RUN" and "pip install" in rest]
+    assert len(installs) == 1
+    (install,) = installs
+    assert re.findall(r"/tmp/wheels/\S+\.whl", install) == ["/tmp/wheels/dsv4_nvfp4-*.whl"]
+    assert "deep_gemm" not in install.replace("dsv4_nvfp4", "")
+
+
+def test_our_wheel_cannot_replace_vllm_torch_or_flashinfer(parsed):
+    (install,) = [rest for kw, rest in parsed if kw == "RUN" and "pip install" in rest]
+    assert "--constraints /tmp/wheels/keep.txt" in install
+    kept = re.findall(r'"([\w-]+)==\$\{(\w+)\}"', install)
+    assert kept == [("vllm", "VLLM_VERSION"), ("torch", "VLLM_TORCH_VERSION"),
+                    ("flashinfer-python", "FLASHINFER_VERSION")]
+
+
+def _doctor_run(parsed) -> str:
+    runtime = dict(stages(parsed))["runtime"]
+    return [rest for kw, rest in runtime if kw == "RUN"][-1]
+
+
 def test_runtime_stage(parsed):
     runtime = dict(stages(parsed))["runtime"]
-    runs = [rest for kw, rest in runtime if kw == "RUN"]
-    assert runs[-1] == "dsv4-nvfp4 doctor"
+    assert _doctor_run(parsed).startswith("dsv4-nvfp4 doctor ")
     assert [rest for kw, rest in runtime if kw == "ENTRYPOINT"] == ['["vllm", "serve"]']
     assert not [kw for kw, _ in runtime if kw == "CMD"]  # compose appends the serve args
     labels = " ".join(rest for kw, rest in runtime if kw == "LABEL")
     for key, arg in (
         ("dsv4-nvfp4.vllm.version", "VLLM_VERSION"),
-        ("dsv4-nvfp4.deepgemm.repo", "DEEPGEMM_REPO"),
-        ("dsv4-nvfp4.deepgemm.ref", "DEEPGEMM_REF"),
+        ("dsv4-nvfp4.torch.version", "VLLM_TORCH_VERSION"),
+        ("dsv4-nvfp4.flashinfer.version", "FLASHINFER_VERSION"),
+        ("dsv4-nvfp4.deepgemm.version", "VENDORED_DEEPGEMM_VERSION"),
         ("org.opencontainers.image.base.name", "VLLM_IMAGE"),
         ("org.opencontainers.image.revision", "GIT_REVISION"),
     ):
         assert f'{key}="${{{arg}}}"' in labels
+    assert 'dsv4-nvfp4.deepgemm.source="vllm.third_party.deep_gemm"' in labels
+    assert "deepgemm.repo" not in labels and "deepgemm.ref" not in labels
     for key in ("title", "description", "licenses"):
         assert f"org.opencontainers.image.{key}=" in labels
+    envs = " ".join(rest for kw, rest in runtime if kw == "ENV")
+    assert f"{doctor.JIT_CACHE_ENV}=/cache/deep_gemm" in envs
+
+
+def test_the_doctor_checks_what_the_labels_say(parsed):
+    """The doctor RUN passes exactly the version ARGs the labels carry; with the ARG
+    defaults substituted (what `make build` passes) its build-args check passes, and
+    with any other value it fails the build."""
+    run = _doctor_run(parsed)
+    passed = re.findall(r'--build-arg "(\w+)=\$\{(\w+)\}"', run)
+    assert [k for k, v in passed if k == v] == list(VERSION_ARGS)
+    defaults = {k: v[0] for k, v in arg_defaults(parsed).items()}
+    check = doctor.check_build_args([f"{k}={defaults[k]}" for k in VERSION_ARGS])
+    assert check.ok is True, check.line()
+    wrong = doctor.check_build_args(["VLLM_VERSION=0.32.0"])
+    assert wrong.line() == "[FAIL] build args: VLLM_VERSION=0.32.0 but versions.env pins 0.34.0"
 
 
 def test_no_secret_reaches_the_image(parsed):
@@ -221,16 +263,9 @@ def test_patch_step_matches_the_doctor():
     assert doctor.PATCH_GLOB == "*.diff"
 
 
-def test_patches_apply_to_the_pinned_vllm_sources():
-    """Each patches/*.diff applies with --fuzz=0 to the installed vLLM 0.32.0 sources."""
-    assert doctor.installed_vllm_version()[1].split("+")[0] == pins()["VLLM_VERSION"]
-    vllm_dir = doctor.vllm_package_dir()
+def test_patches_dir_holds_only_diffs():
+    """A stray .patch/.orig would be silently skipped by the build."""
     patch_dir = ROOT / "patches"
-    diffs = sorted(patch_dir.glob(doctor.PATCH_GLOB))
-    states = {d.name: doctor.patch_state(d, vllm_dir.parent) for d in diffs}
-    # CI never edits site-packages, so each patch must be applicable (not yet applied).
-    assert all(s == "applicable" for s in states.values()), states
-    # Only diffs live there (a stray .patch/.orig would be silently skipped by the build).
     others = [p for p in patch_dir.iterdir() if p.is_file()] if patch_dir.is_dir() else []
     stray = [p.name for p in others if p.suffix not in (".diff", ".md")]
     assert not stray, f"patches/ holds files the build ignores: {stray}"
