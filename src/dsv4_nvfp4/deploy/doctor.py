@@ -657,7 +657,8 @@ def build_mega_moe_case(seed: int = 0, tokens: int = MEGA_MOE_SHAPE["tokens"],
                         intermediate: int = MEGA_MOE_SHAPE["intermediate"],
                         experts: int = MEGA_MOE_SHAPE["experts"],
                         top_k: int = MEGA_MOE_SHAPE["top_k"]) -> MegaMoECase:
-    """Random BF16 tokens and experts, quantized with `formats` as vLLM stages and loads them."""
+    """Random BF16 tokens and experts, quantized with `formats` into the layouts vLLM's
+    NVFP4 staging and weight loader write (per-token two-level NVFP4 input)."""
     import torch
 
     from dsv4_nvfp4.formats import (
