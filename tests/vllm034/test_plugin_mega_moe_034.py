@@ -350,3 +350,39 @@ def test_fp8_ue8m0_shared_experts_fuse_as_mxfp8_losslessly(vc, sm100, layout_b) 
     assert torch.equal(mxfp8(torch.cat([w1, w3]), sf13), want13.to(torch.float32))
     assert torch.equal(mxfp8(w2, sf2), dequantize_fp8_block(w2, s2).to(torch.float32))
     assert sf13.shape == (2 * s, h // 32)
+
+
+def test_kernel_math_from_the_loaded_operands_equals_the_checkpoints(
+        loaded_experts, layout_b, vc) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's NVFP4 MegaMoE semantics (``formats.nvfp4_mega_moe_reference``, per-token FC1,
+    layer-wide FC2 scale) run on what vLLM loaded gives the same output, bit for bit, as on
+    the checkpoint's own tensors — and it is not a trivial output."""
+    from dsv4_nvfp4.formats import nvfp4_mega_moe_reference
+
+    tensors = layout_b[0]
+    x = loaded_experts
+    hf = vc.model_config.hf_config
+    gen = torch.Generator().manual_seed(11)
+    t, k, e = 24, hf.num_experts_per_tok, DIMS["n_routed_experts"]
+    hidden = (torch.randn(t, DIMS["hidden_size"], generator=gen) * 3).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=gen)
+    w13, sf13, w2, sf2 = untransform_nvfp4_from_mega_moe(
+        (x.w13_weight.data, x.w13_weight_scale.data), (x.w2_weight.data, x.w2_weight_scale.data))
+    from_vllm = nvfp4_mega_moe_reference(
+        hidden, ids, weights, w13, sf13, x.w13_weight_scale_2.data, w2, sf2,
+        x.w2_weight_scale_2.data, x.w2_input_scale.data, swiglu_limit=hf.swiglu_limit,
+        activation_scale=x.l2_activation_scale)
+    from_checkpoint = nvfp4_mega_moe_reference(
+        hidden, ids, weights,
+        torch.cat([_stacked(tensors, LAYER, "w1", "weight"),
+                   _stacked(tensors, LAYER, "w3", "weight")], dim=1).view(torch.uint8),
+        torch.cat([_stacked(tensors, LAYER, "w1", "weight_scale"),
+                   _stacked(tensors, LAYER, "w3", "weight_scale")], dim=1),
+        _stacked(tensors, LAYER, "w1", "weight_scale_2"),
+        _stacked(tensors, LAYER, "w2", "weight").view(torch.uint8),
+        _stacked(tensors, LAYER, "w2", "weight_scale"),
+        _stacked(tensors, LAYER, "w2", "weight_scale_2"),
+        _stacked(tensors, LAYER, "w2", "input_scale"), swiglu_limit=hf.swiglu_limit)
+    assert torch.equal(from_vllm, from_checkpoint)
+    assert from_vllm.shape == hidden.shape and bool(from_vllm.float().abs().amax() > 0)
