@@ -3,12 +3,13 @@
 * A: DeepSeek's ``quant_method: fp8`` block config (``scale_fmt: ue8m0`` also
   makes vLLM enable DeepGEMM's UE8M0 path).
 * B: A's config plus what ModelOpt's DS-V4 recipe adds
-  (``examples/deepseek/deepseek_v4/quantize_to_nvfp4.py``; the published
-  nvidia/DeepSeek-V4-Pro-NVFP4 config, research ``nvfp4_format.md`` §2):
-  ``moe_quant_algo: NVFP4`` — the key vLLM 0.32.0's ``DeepseekV4FP8Config``
+  (ModelOpt's ``examples/deepseek/deepseek_v4/quantize_to_nvfp4.py``; the published
+  nvidia/DeepSeek-V4-Pro-NVFP4 ``config.json``):
+  ``moe_quant_algo: NVFP4`` — the key vLLM's ``DeepseekV4FP8Config``
   switches the experts to ``ModelOptNvFp4FusedMoE`` on — plus ``quant_algo``,
   ``group_size``, ``ignore``/``exclude_modules`` and ``quantized_layers``.
-* C: ModelOpt's generic ``quant_method: modelopt`` export (``modelopt_tiny_dsv4.md``).
+* C: ModelOpt's generic ``quant_method: modelopt`` export (``hf_quant_config.json``
+  beside a transformers-dialect ``config.json``).
 """
 
 from __future__ import annotations
