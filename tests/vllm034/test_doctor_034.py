@@ -147,7 +147,10 @@ def test_vllms_import_prefers_a_site_packages_deep_gemm(tmp_path, monkeypatch):
     (site / "deep_gemm").mkdir(parents=True)
     (site / "deep_gemm" / "__init__.py").write_text("__version__ = 'shadow-2.8.0'\n")
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delitem(sys.modules, "deep_gemm", raising=False)
+    # setitem, not delitem: on teardown the fake leaves sys.modules again, so later
+    # tests' _import_deep_gemm() finds vLLM's vendored copy, not this one.
+    monkeypatch.setitem(sys.modules, "deep_gemm", None)
+    del sys.modules["deep_gemm"]
     module = _import_deep_gemm.__wrapped__()  # past its functools.cache
     assert (module.__name__, module.__version__) == ("deep_gemm", "shadow-2.8.0")
     assert module.__file__ == str(site / "deep_gemm" / "__init__.py")
