@@ -30,8 +30,10 @@ def probe(*args: str, api_key: str | None = None) -> tuple[int, str]:
         text=True,
         timeout=120,
     )
-    assert proc.stderr == "", proc.stderr  # one line on stdout, never a traceback
-    return proc.returncode, proc.stdout.strip()
+    # One line, never a traceback: on stdout when healthy, on stderr when not.
+    line, other = (proc.stdout, proc.stderr) if proc.returncode == 0 else (proc.stderr, proc.stdout)
+    assert other == "" and line.count("\n") == 1, (proc.stdout, proc.stderr)
+    return proc.returncode, line.strip()
 
 
 @pytest.mark.cpu
@@ -114,5 +116,6 @@ def test_cli_health_runs_the_same_probe(capsys) -> None:
 
     port = free_port()
     assert health.main(["ready", "--url", f"http://127.0.0.1:{port}", "--timeout", "5"]) == 1
-    out = capsys.readouterr().out
-    assert out.startswith(f"ready still loading: connection refused at http://127.0.0.1:{port}")
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"ready still loading: connection refused at http://127.0.0.1:{port}")

@@ -3,7 +3,9 @@
 Why not a second implementation: the probe compose runs is
 ``healthcheck/healthcheck.py`` (standard library only, inside the image). This
 subcommand loads that very file and runs it, so what a user checks by hand is
-exactly what the orchestrator checks.
+exactly what the orchestrator checks: the same overall deadline (``--timeout``,
+for the whole probe), the same size cap, no redirects, the same one-line
+messages and exit codes (0 healthy, 1 not, 2 unusable input).
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("probe", choices=["live", "ready"])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="served model name (default: first listed)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per request")
+    p.add_argument(
+        "--timeout",
+        default=None,
+        help="deadline in seconds for the whole probe (live 5, ready 25); checked by the probe",
+    )
     p.add_argument("--api-key", default=None, help="default: $VLLM_API_KEY")
 
 
@@ -36,11 +42,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         argv += ["--model", args.model]
     if args.timeout is not None:
-        argv += ["--timeout", str(args.timeout)]
+        argv.append(f"--timeout={args.timeout}")
     if args.api_key:
         argv += ["--api-key", args.api_key]
     try:
-        return int(healthcheck().main(argv))
+        return int(healthcheck().main(argv, prog="dsv4-nvfp4 health"))
     except ServerError as err:
         print(f"health: {err}", file=sys.stderr)
         return 2
