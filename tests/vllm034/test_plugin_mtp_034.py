@@ -11,25 +11,13 @@ are ``tests/test_plugin_mtp.py``.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import torch
+from test_plugin_helpers import constructed_object, layout_b_quant_config, routed_experts_layer
 
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.tiny import build, tiny_dims_config
-
-LAYOUT_B_EXCLUDE = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
-
-
-def quant(**overrides: object) -> dict:
-    cfg: dict = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                 "scale_fmt": "ue8m0", "weight_block_size": [128, 128],
-                 "moe_quant_algo": "NVFP4", "ignore": list(LAYOUT_B_EXCLUDE),
-                 "exclude_modules": list(LAYOUT_B_EXCLUDE)}
-    cfg.update(overrides)
-    return {k: v for k, v in cfg.items() if v is not None}
 
 
 @pytest.fixture(scope="module")
@@ -48,40 +36,7 @@ def vllm_config(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
 
 @pytest.fixture(scope="module")
 def experts_layer(vllm_config):  # type: ignore[no-untyped-def]
-    """A RoutedExperts carrying a real FusedMoEConfig of the tiny model (nothing else)."""
-    from vllm.model_executor.layers.fused_moe import RoutedExperts
-    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-    from vllm.model_executor.layers.fused_moe.config import (
-        FusedMoEConfig,
-        FusedMoEParallelConfig,
-        RoutingMethodType,
-    )
-
-    hf = vllm_config.model_config.hf_config
-    layer = RoutedExperts.__new__(RoutedExperts)
-    torch.nn.Module.__init__(layer)
-    layer.moe_config = FusedMoEConfig(
-        num_experts=hf.n_routed_experts, experts_per_token=hf.num_experts_per_tok,
-        hidden_dim=hf.hidden_size, intermediate_size=hf.moe_intermediate_size,
-        num_local_experts=hf.n_routed_experts, num_logical_experts=hf.n_routed_experts,
-        activation=MoEActivation.SILU, device="cpu", routing_method=RoutingMethodType.DeepseekV4,
-        moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(),
-        in_dtype=torch.bfloat16)
-    return layer
-
-
-def constructed(build_method) -> object:  # type: ignore[no-untyped-def]
-    """The method object — also when its constructor raises for want of a CPU kernel."""
-    try:
-        return build_method()
-    except NotImplementedError:
-        tb = sys.exc_info()[2]
-        while tb is not None:
-            frame = tb.tb_frame
-            if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
-                return frame.f_locals["self"]
-            tb = tb.tb_next
-        raise
+    return routed_experts_layer(vllm_config)
 
 
 def methods(qc, layer, vllm_config, quant_cfg: dict) -> list[object]:  # type: ignore[no-untyped-def]
@@ -91,7 +46,8 @@ def methods(qc, layer, vllm_config, quant_cfg: dict) -> list[object]:  # type: i
     hf = vllm_config.model_config.hf_config
     hf.quantization_config = quant_cfg
     with set_current_vllm_config(vllm_config):
-        return [constructed(lambda i=i: qc.get_quant_method(layer, f"model.layers.{i}.ffn.experts"))
+        return [constructed_object(
+                    lambda i=i: qc.get_quant_method(layer, f"model.layers.{i}.ffn.experts"))
                 for i in range(hf.num_hidden_layers + 1)]
 
 
@@ -108,9 +64,9 @@ def test_our_class_is_the_one_vllm_034_builds(vllm_config) -> None:  # type: ign
 
 
 @pytest.mark.parametrize("quant_cfg", [
-    quant(ignore=None),
-    quant(exclude_modules=None),
-    quant(ignore=None, exclude_modules=None, quantized_layers={
+    layout_b_quant_config(ignore=None),
+    layout_b_quant_config(exclude_modules=None),
+    layout_b_quant_config(ignore=None, exclude_modules=None, quantized_layers={
         f"layers.{i}.ffn.experts.{e}.w{w}": {"quant_algo": "NVFP4", "group_size": 16}
         for i in range(3) for e in range(2) for w in (1, 2, 3)}),
 ], ids=["exclude_modules", "ignore", "quantized_layers"])
@@ -126,14 +82,15 @@ def test_stock_cpu_class_of_034_still_misquantizes_the_draft(vllm_config, expert
     """Why the plugin's class is still needed on 0.34.0 (its CPU/XPU class reads no list)."""
     from vllm.models.deepseek_v4.quant_config import DeepseekV4FP8Config
 
-    cfg = quant()
+    cfg = layout_b_quant_config()
     stock = DeepseekV4FP8Config.from_config(cfg)
     assert names(methods(stock, experts_layer, vllm_config, cfg)) == ["ModelOptNvFp4FusedMoE"] * 4
 
 
 @pytest.mark.parametrize(("quant_cfg", "stock_mtp"), [
-    (quant(exclude_modules=None), "Mxfp4MoEMethod"),  # 0.34.0's CUDA class reads `ignore`
-    (quant(ignore=None), "ModelOptNvFp4FusedMoE"),  # ... but not exclude_modules
+    # 0.34.0's CUDA class reads `ignore`
+    (layout_b_quant_config(exclude_modules=None), "Mxfp4MoEMethod"),
+    (layout_b_quant_config(ignore=None), "ModelOptNvFp4FusedMoE"),  # ... but not exclude_modules
 ], ids=["ignore", "exclude_modules"])
 def test_cuda_class_stock_and_plugin(vllm_config, experts_layer, quant_cfg, stock_mtp) -> None:  # type: ignore[no-untyped-def]
     """The class CUDA uses (deepseek_v41/quant_config.py): stock vs our subclass of it."""
