@@ -31,6 +31,7 @@ import json
 from pathlib import Path
 
 import pytest
+from vllm_serve_api import VllmServeApi
 
 from dsv4_nvfp4.deploy import compose as dc
 
@@ -49,35 +50,9 @@ def offline():
 
 
 @pytest.fixture(scope="module")
-def vllm_api():
+def vllm_api() -> type[VllmServeApi]:
     """vLLM's serve parser pieces and registries (one import for the module)."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.reasoning import ReasoningParserManager
-    from vllm.tokenizers.registry import TokenizerRegistry
-    from vllm.tool_parsers import ToolParserManager
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    class Api:
-        @staticmethod
-        def parse(model: Path, flags: list[str]):
-            parser = make_arg_parser(FlexibleArgumentParser())
-            args = parser.parse_args(["--model", str(model), *flags])
-            validate_parsed_serve_args(args)
-            return args
-
-        @staticmethod
-        def engine_config(args):
-            return AsyncEngineArgs.from_cli_args(args).create_engine_config()
-
-        @staticmethod
-        def check_names(args) -> None:
-            """The names argparse accepts blindly must exist in vLLM's registries."""
-            TokenizerRegistry.load_tokenizer_cls(args.tokenizer_mode)
-            ToolParserManager.get_tool_parser(args.tool_call_parser)
-            ReasoningParserManager.get_reasoning_parser(args.reasoning_parser)
-
-    return Api
+    return VllmServeApi
 
 
 @pytest.fixture(scope="module")
