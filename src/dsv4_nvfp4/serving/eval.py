@@ -2,12 +2,17 @@
 
 Why GSM8K 8-shot on ``/v1/completions``: it is the accuracy number the anchors
 report for this model family — native DeepSeek V4 Pro 0.954 in vLLM's recipe;
-DeepSeek R1 FP4 96.1 vs FP8 96.3 (research ``peers_anchors.md`` §3-4) — so a
-format bug in the NVFP4 experts shows up as a gap to them, not as a guess.
+DeepSeek R1 FP4 96.1 vs FP8 96.3 (NVIDIA) — so a format bug in the NVFP4
+experts shows up as a gap to them, not as a guess.
 
 lm-eval runs as a child process (``python -m lm_eval run``), never imported:
 it pulls in torch, and this package's ``serving`` speaks HTTP only. The API key
-reaches it as ``OPENAI_API_KEY`` (what ``local-completions`` sends).
+reaches it as ``OPENAI_API_KEY`` (what ``local-completions`` sends as a bearer
+token). Before lm-eval starts, the model is resolved through our own client,
+which follows no redirect: a ``--url`` that redirects stops here, with one line.
+lm-eval's own clients (``requests``, and ``aiohttp`` when ``num_concurrent`` >
+1) do follow redirects, which we cannot switch off from outside; both drop the
+``Authorization`` header when a redirect leaves the origin (scheme, host, port).
 
 ``--local-task DIR`` evaluates a GSM8K-format task from ``DIR/train.jsonl`` and
 ``DIR/test.jsonl`` (fields ``question``, ``answer`` ending ``#### N``) with
@@ -29,7 +34,13 @@ from pathlib import Path
 
 import httpx
 
-from dsv4_nvfp4.serving.openai_http import DEFAULT_URL, api_key_from_env, client, resolve_model
+from dsv4_nvfp4.serving.openai_http import (
+    DEFAULT_URL,
+    api_key_from_env,
+    client,
+    describe,
+    resolve_model,
+)
 
 ANCHORS = {
     "deepseek-v4-pro native (vLLM recipe, gsm8k 8-shot)": 0.954,
@@ -257,7 +268,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     try:
         summary = evaluate(config_from_args(args))
-    except (EvalError, RuntimeError, httpx.HTTPError, subprocess.TimeoutExpired) as err:
+    except httpx.HTTPError as err:
+        print(f"eval: {describe(err)}", file=sys.stderr)
+        return 1
+    except (EvalError, RuntimeError, subprocess.TimeoutExpired) as err:
         print(f"eval: {err}", file=sys.stderr)
         return 1
     print(format_summary(summary))
