@@ -79,11 +79,12 @@ def test_smoke_wrong_api_key_fails_and_names_checks(tiny_server, tmp_path, capsy
             str(report_path),
         ]
     )
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     report = json.loads(report_path.read_text())
     assert code == 1
     assert report["failed"] == ["models", "completions"]  # /health is not guarded
-    assert out.rstrip().endswith("smoke FAILED: models, completions")
+    assert err == "smoke FAILED: models, completions\n"  # the one line on stderr
+    assert "models       FAIL" in out and "GET /v1/models answered HTTP 401" in out
 
 
 @pytest.mark.cpu

