@@ -5,8 +5,8 @@ every API path works (smoke), the answers are as accurate as the anchors
 (GSM8K 8-shot), and it is as fast as the anchors with MTP actually accepting
 drafts — and a reader needs them side by side with the thresholds they were
 judged against. Each criterion below is stated with its number and where the
-number comes from (research ``peers_anchors.md`` §3); each can be overridden
-on the command line, and the report says which values were used.
+number comes from; each can be overridden on the command line, and the report
+says which values were used.
 
 Default thresholds (8xB200, NVFP4 experts, MTP num_speculative_tokens 2):
 

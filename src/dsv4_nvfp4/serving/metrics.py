@@ -2,7 +2,7 @@
 
 Why: MTP acceptance is the one number that shows a draft layer survived the
 NVFP4 conversion (a broken conversion gives 1.8-3 % acceptance, a good one
-80-91 %; research ``peers_anchors.md`` §3). vLLM exports cumulative counters —
+80-91 %). vLLM exports cumulative counters —
 drafts, draft tokens, accepted tokens, accepted tokens per position — so the
 rates over a run are differences of two snapshots.
 """
