@@ -78,6 +78,21 @@ def constructed_class(build: Callable[[], Any]) -> str:
     return type(constructed_object(build)).__name__
 
 
+def expert_methods(quant_config: Any, layer: Any, vllm_config: Any, quant_cfg: dict) -> list:
+    """vLLM's MoE method object per experts layer: target layers 0..L-1, then the MTP layer L.
+
+    ``quant_cfg`` becomes the checkpoint's ``quantization_config`` for the call.
+    """
+    from vllm.config import set_current_vllm_config
+
+    hf = vllm_config.model_config.hf_config
+    hf.quantization_config = quant_cfg
+    with set_current_vllm_config(vllm_config):
+        return [constructed_object(lambda i=i: quant_config.get_quant_method(
+                    layer, f"model.layers.{i}.ffn.experts"))
+                for i in range(hf.num_hidden_layers + 1)]
+
+
 def routed_experts_layer(vllm_config: Any) -> Any:
     """A RoutedExperts carrying a real FusedMoEConfig of the tiny model (nothing else).
 

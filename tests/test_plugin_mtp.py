@@ -14,8 +14,8 @@ import inspect
 
 import pytest
 from test_plugin_helpers import (
-    constructed_class,
     engine_config,
+    expert_methods,
     layout_b_quant_config,
     routed_experts_layer,
     write_layout_b_config,
@@ -40,14 +40,7 @@ def experts_layer(vllm_config):  # type: ignore[no-untyped-def]
 
 def methods(quant_config, layer, vllm_config, quant_cfg: dict) -> list[str]:  # type: ignore[no-untyped-def]
     """Method class per experts layer: target layers 0..L-1, then the MTP layer L."""
-    from vllm.config import set_current_vllm_config
-
-    hf = vllm_config.model_config.hf_config
-    hf.quantization_config = quant_cfg
-    with set_current_vllm_config(vllm_config):
-        return [constructed_class(lambda i=i: quant_config.get_quant_method(
-                    layer, f"model.layers.{i}.ffn.experts"))
-                for i in range(hf.num_hidden_layers + 1)]
+    return [type(m).__name__ for m in expert_methods(quant_config, layer, vllm_config, quant_cfg)]
 
 
 def test_mtp_layer_prefix_is_what_the_rules_assume() -> None:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_plugin_helpers import constructed_object, layout_b_quant_config, routed_experts_layer
+from test_plugin_helpers import expert_methods, layout_b_quant_config, routed_experts_layer
 
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.tiny import build, tiny_dims_config
@@ -39,18 +39,6 @@ def experts_layer(vllm_config):  # type: ignore[no-untyped-def]
     return routed_experts_layer(vllm_config)
 
 
-def methods(qc, layer, vllm_config, quant_cfg: dict) -> list[object]:  # type: ignore[no-untyped-def]
-    """Method object per experts layer: target layers 0..L-1, then the MTP layer L."""
-    from vllm.config import set_current_vllm_config
-
-    hf = vllm_config.model_config.hf_config
-    hf.quantization_config = quant_cfg
-    with set_current_vllm_config(vllm_config):
-        return [constructed_object(
-                    lambda i=i: qc.get_quant_method(layer, f"model.layers.{i}.ffn.experts"))
-                for i in range(hf.num_hidden_layers + 1)]
-
-
 def names(objs: list[object]) -> list[str]:
     return [type(o).__name__ for o in objs]
 
@@ -73,7 +61,7 @@ def test_our_class_is_the_one_vllm_034_builds(vllm_config) -> None:  # type: ign
 def test_draft_gets_vllm_034s_own_mxfp4_method(vllm_config, experts_layer, quant_cfg) -> None:  # type: ignore[no-untyped-def]
     from vllm.model_executor.layers.quantization.utils.quant_utils import kMxfp8Dynamic
 
-    got = methods(vllm_config.quant_config, experts_layer, vllm_config, quant_cfg)
+    got = expert_methods(vllm_config.quant_config, experts_layer, vllm_config, quant_cfg)
     assert names(got) == ["ModelOptNvFp4FusedMoE"] * 3 + ["Mxfp4MoEMethod"]
     assert got[-1].activation_key == kMxfp8Dynamic  # as vLLM 0.34.0's own classes build it
 
@@ -84,7 +72,8 @@ def test_stock_cpu_class_of_034_still_misquantizes_the_draft(vllm_config, expert
 
     cfg = layout_b_quant_config()
     stock = DeepseekV4FP8Config.from_config(cfg)
-    assert names(methods(stock, experts_layer, vllm_config, cfg)) == ["ModelOptNvFp4FusedMoE"] * 4
+    got = names(expert_methods(stock, experts_layer, vllm_config, cfg))
+    assert got == ["ModelOptNvFp4FusedMoE"] * 4
 
 
 @pytest.mark.parametrize(("quant_cfg", "stock_mtp"), [
@@ -99,7 +88,7 @@ def test_cuda_class_stock_and_plugin(vllm_config, experts_layer, quant_cfg, stoc
     from dsv4_nvfp4.vllm_plugin.quant_config import checkpoint_aware_config_class
 
     stock = CudaConfig.from_config(quant_cfg)
-    assert names(methods(stock, experts_layer, vllm_config, quant_cfg))[-1] == stock_mtp
+    assert names(expert_methods(stock, experts_layer, vllm_config, quant_cfg))[-1] == stock_mtp
     ours = checkpoint_aware_config_class(CudaConfig).from_config(quant_cfg)
-    got = methods(ours, experts_layer, vllm_config, quant_cfg)
+    got = expert_methods(ours, experts_layer, vllm_config, quant_cfg)
     assert names(got) == ["ModelOptNvFp4FusedMoE"] * 3 + ["Mxfp4MoEMethod"]
