@@ -16,21 +16,33 @@ Directions:
 * any → ``bf16``: every quantized tensor dequantized, DeepSeek names.
 
 How it runs (DESIGN.md "A long job ..."): plan every output tensor from the
-input headers; validate every input (all shards readable, the layout's
-structure, the scalars the plan needs) before writing anything; then per
-output shard stream module by module — read its tensors, convert, append —
-into ``.NAME.partial``, fsync, rename, and record the shard as done.
-A rerun after a kill skips finished shards and redoes the partial one,
-producing byte-identical files. ``manifest.json`` (sha256 of every file) is
-written last; its presence means complete. SRC is never written to.
+input headers; validate every input before writing anything — all shards
+readable, the layout's structure, and every scale the conversion consumes
+(each ``weight_scale_2`` / ``input_scale`` F32, finite and > 0; each block
+scale it dequantizes: E4M3 non-zero, non-NaN, sign clear, UE8M0 without
+0xFF); then take the destination's lock (``.dsv4-convert.lock``, flock: one
+conversion per destination) and per output shard stream module by module —
+read its tensors, convert, append — into ``.NAME.partial``, fsync, rename, and
+record the shard as done with the sha256 of the source bytes it read.
+A rerun after a kill re-hashes the sources of the finished shards, keeps those
+whose sources are unchanged and redoes the rest, producing byte-identical
+files; a rerun over a complete conversion does the same check before it says
+"already complete". ``manifest.json`` (sha256 of every file, the source hash of
+every shard) is written last; its presence means complete. SRC is never
+written to; its code and pickles (``*.py``, ``*.bin``, ``*.pkl``, ...) and any
+``auto_map`` are not carried over.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
+import errno
+import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -45,6 +57,7 @@ import torch
 from dsv4_nvfp4 import __version__
 from dsv4_nvfp4.formats import ConversionError, FormatError
 
+from . import checks
 from .config import dims_from_config, to_deepseek_config
 from .errors import CheckpointError, fail
 from .layouts import Layout, LayoutContext, storage_for, stored_name
@@ -72,10 +85,15 @@ from .verify import structure
 from .writer import ShardWriter, sha256_file, write_text_atomic
 
 STATE_DIR = ".dsv4-convert"
+LOCK_NAME = ".dsv4-convert.lock"
 MANIFEST = "manifest.json"
 REPORT = "conversion_report.json"
 # Files of SRC that are rewritten (or meaningless) in DST; every other top-level file is copied.
 NOT_COPIED = {INDEX_NAME, "config.json", "hf_quant_config.json", MANIFEST, REPORT}
+# ... except code and pickles, which a converted checkpoint never carries (a loader with
+# trust_remote_code or torch.load would run them): dropped, and the output says so.
+CODE_AND_PICKLES = (".py", ".pyc", ".pyo", ".so", ".pkl", ".pickle", ".bin", ".pt", ".pth",
+                    ".ckpt", ".joblib")
 
 
 class Target(enum.Enum):
@@ -116,6 +134,8 @@ class Plan:
     side: dict[str, dict] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    side_files: dict[str, str] = field(default_factory=dict)  # SRC file to copy -> its sha256
+    dropped: list[str] = field(default_factory=list)  # what SRC had that DST does not carry
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -189,6 +209,37 @@ def _scalar(r: TensorReader, info: TensorInfo, what: str) -> float:
         raise CheckpointError(f"{info.file.name}: {info.name}: expected {what} finite > 0, "
                               f"found {v!r}")
     return v
+
+
+def _block_scales(r: TensorReader, info: TensorInfo, st: Storage) -> None:
+    """A block-scale tensor a conversion dequantizes: E4M3 > 0 and not NaN, UE8M0 not NaN."""
+    t = r.read(info)
+    if st is Storage.NVFP4:
+        problems, _ = checks.e4m3_block_scale(t)
+        problems = [q for q in problems if q[0] != "scale.constant"]  # a heuristic, not an error
+    else:
+        problems = checks.ue8m0_scale(t)
+    if problems:
+        _, expected, found = problems[0]
+        raise CheckpointError(f"{info.file.name}: {info.name}: expected {expected}, "
+                              f"found {found}")
+
+
+def _check_scales(r: TensorReader, st: Storage, infos: list[TensorInfo], consumed: bool
+                  ) -> None:
+    """Every scale of one module that the conversion reads, before anything is written.
+
+    Global scales (``weight_scale_2``, ``input_scale``) are checked for every NVFP4 module,
+    copied or not (a copy carries them into the output, where they would be the loader's
+    problem); block scales where the module is dequantized (``consumed``).
+    """
+    for t in infos:
+        part = t.name.rpartition(".")[2]
+        if st is Storage.NVFP4 and part in ("weight_scale_2", "input_scale"):
+            _scalar(r, t, part)
+        elif consumed and ((st is Storage.NVFP4 and part == "weight_scale") or (
+                st in (Storage.FP8_BLOCK, Storage.MXFP4) and part == "scale")):
+            _block_scales(r, t, st)
 
 
 def _open_mtp_source(path: Path, src_dims) -> tuple[Checkpoint, Layout, list[Module],
@@ -289,13 +340,17 @@ def plan(src_path: Path, target: Target, dense: DenseMode = DenseMode.FP8,
                         raise CheckpointError(f"--input-scales-from {input_scales_from}: "
                                               f"expected {g.name}.input_scale, found none")
                     _scalar(r, info, "input_scale")
+                    g_st = storage_for(layout, g, src_ctx)
+                    _check_scales(r, g_st, _src_parts(layout, g, g_st, ck), consumed=True)
                 units.append(_cast_unit(group, ck, scales))
             elif s_st is d_st:
                 names = [s.name for s in expand(d_st, m)] if not m.bare else [m.name]
+                _check_scales(r, s_st, infos, consumed=False)
                 if s_st is Storage.NVFP4 and layout is Layout.C:
                     _check_c_w13(r, m, ck, pairs)
                 units.append(_copy_unit(m, infos, names))
             else:
+                _check_scales(r, s_st, infos, consumed=True)
                 units.append(_convert_unit(m, s_st, d_st, infos, base))
     for i, u in enumerate(units):
         u.shard = sorted(ck.shards).index(u.inputs[0].file.name)
@@ -311,6 +366,7 @@ def plan(src_path: Path, target: Target, dense: DenseMode = DenseMode.FP8,
     p = Plan(ck, layout, target, dense, units, config=config, warnings=warnings)
     _assign_shards(p)
     _finish_config(p)
+    _plan_side_files(p)
     p.fingerprint = _fingerprint(p, mtp_from, input_scales_from)
     return p
 
@@ -339,14 +395,17 @@ def _plan_mtp(mtp_from: Path | None, d, target: Target, config: dict
     nd = dims_from_config(nat.config)
     config = to_deepseek_config(config, nd.mtp_ratios)
     units = []
-    for m in mods:
-        s_st = storage_for(lay, m, ctx)
-        infos = _src_parts(lay, m, s_st, nat)
-        if target is Target.BF16 and s_st is not Storage.PLAIN:
-            units.append(_convert_unit(m, s_st, Storage.BF16, infos, m.name))
-        else:
-            names = [m.name] if m.bare else [s.name for s in expand(s_st, m)]
-            units.append(_copy_unit(m, infos, names))
+    with TensorReader() as r:
+        for m in mods:
+            s_st = storage_for(lay, m, ctx)
+            infos = _src_parts(lay, m, s_st, nat)
+            if target is Target.BF16 and s_st is not Storage.PLAIN:
+                _check_scales(r, s_st, infos, consumed=True)
+                units.append(_convert_unit(m, s_st, Storage.BF16, infos, m.name))
+            else:
+                _check_scales(r, s_st, infos, consumed=False)
+                names = [m.name] if m.bare else [s.name for s in expand(s_st, m)]
+                units.append(_copy_unit(m, infos, names))
     return units, config, []
 
 
@@ -375,6 +434,40 @@ def _finish_config(p: Plan) -> None:
     hq = p.config.pop("_hf_quant", None)
     if hq is not None:
         p.side["hf_quant_config.json"] = hq
+    if p.config.pop("auto_map", None) is not None:
+        p.dropped.append("auto_map of config.json")
+
+
+def _json_with_auto_map(path: Path) -> dict | None:
+    """A JSON side file's content when it is an object with ``auto_map`` (else None)."""
+    if path.suffix != ".json":
+        return None
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return content if isinstance(content, dict) and "auto_map" in content else None
+
+
+def _plan_side_files(p: Plan) -> None:
+    """Which other files of SRC are copied (with their sha256), and which are dropped."""
+    code = []
+    for f in sorted(p.src.root.iterdir()):
+        if not f.is_file() or f.suffix == ".safetensors" or f.name in NOT_COPIED \
+                or f.name.startswith("."):
+            continue
+        if f.suffix.lower() in CODE_AND_PICKLES:
+            code.append(f.name)
+            continue
+        try:
+            p.side_files[f.name] = sha256_file(f)
+        except OSError as e:
+            raise CheckpointError(f"{f.name}: expected a readable file, found {e.strerror}"
+                                  ) from None
+        if _json_with_auto_map(f) is not None:
+            p.dropped.append(f"auto_map of {f.name}")
+    if code:
+        p.dropped.insert(0, ", ".join(code) + " (code and pickles are never copied)")
 
 
 def _assign_shards(p: Plan) -> None:
@@ -399,10 +492,11 @@ def _fingerprint(p: Plan, *extra: Path | None) -> str:
     h.update(json.dumps({"tool": __version__, "target": p.target.value, "dense": p.dense.value,
                          "src_layout": p.src_layout.value, "config": p.config,
                          "side": p.side, "files": p.files}, sort_keys=True).encode())
+    # The plan's shape: which bytes of which file each output comes from. Whether those bytes
+    # are still the same is the per-shard source hash (execute), not this.
     for u in p.units:
         for t in u.inputs:
-            h.update(f"{t.file.name}:{t.name}:{t.dtype}:{t.shape}:{t.begin}:{t.end}:"
-                     f"{t.file.stat().st_size};".encode())
+            h.update(f"{t.file.name}:{t.name}:{t.dtype}:{t.shape}:{t.begin}:{t.end};".encode())
         h.update(repr(u.outputs).encode())
     for e in extra:
         h.update(str(e is not None).encode())
@@ -426,28 +520,152 @@ def _load_json(p: Path) -> dict | None:
         return None
 
 
-def _prepare_dst(p: Plan, dst: Path) -> str:
-    """'done' if DST already holds this conversion, 'resume' or 'fresh' otherwise."""
+class DestinationLock:
+    """``flock`` on ``DST/.dsv4-convert.lock``: one conversion per destination.
+
+    Held for the whole run and released (the file removed) at the end; a second
+    ``convert`` into the same DST stops at once with one line. A holder that
+    removes the file while another process waits on the old inode is caught by
+    comparing inodes after locking. DST is created here if needed, and removed
+    again if the run leaves nothing in it.
+    """
+
+    def __init__(self, dst: Path) -> None:
+        self.dst = dst
+        self.path = dst / LOCK_NAME
+        self.fd: int | None = None
+        self.created = False
+
+    def __enter__(self) -> DestinationLock:
+        if self.dst.exists() and not self.dst.is_dir():
+            raise CheckpointError(f"{self.dst}: expected a directory, found a file")
+        self.created = not self.dst.exists()
+        self.dst.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                self._tidy()
+                raise CheckpointError(f"{self.dst}: expected no other conversion writing to "
+                                      f"it, found another conversion holding {LOCK_NAME} "
+                                      "(wait for it to finish, or stop it)") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return self
+            os.close(fd)  # the previous holder removed the file we locked: again
+        raise CheckpointError(f"{self.dst}: expected to take {LOCK_NAME}, found it replaced "
+                              "10 times in a row")
+
+    def _tidy(self) -> None:
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.dst.rmdir()  # only if the run left nothing
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+        self._tidy()
+
+
+def _prepare_dst(p: Plan, dst: Path) -> tuple[str, dict[int, dict], dict]:
+    """('complete', shard records, manifest) if DST holds this conversion's plan;
+    ('resume', records, {}) for an interrupted run of it; ('fresh', {}, {}) otherwise."""
     state = dst / STATE_DIR
-    if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"{dst}: expected a directory, found a file")
-    if dst.exists() and any(dst.iterdir()):
+    if any(f.name != LOCK_NAME for f in dst.iterdir()):
         man = _load_json(dst / MANIFEST)
-        if man and man.get("fingerprint") == p.fingerprint:
+        if isinstance(man, dict) and man.get("fingerprint") == p.fingerprint:
             shutil.rmtree(state, ignore_errors=True)  # killed after the manifest, before cleanup
-            return "done"
+            shards = man.get("shards")
+            recs = dict(enumerate(shards)) if isinstance(shards, list) and \
+                len(shards) == len(p.files) else {}
+            return "complete", recs, man
         st = _load_json(state / "plan.json")
-        if st and st.get("fingerprint") == p.fingerprint:
-            return "resume"
+        if isinstance(st, dict) and st.get("fingerprint") == p.fingerprint:
+            recs = {}
+            for i in range(len(p.files)):
+                rec = _load_json(state / f"done-{i:05d}.json")
+                if isinstance(rec, dict):
+                    recs[i] = rec
+            return "resume", recs, {}
         raise CheckpointError(f"{dst}: expected an empty directory or an interrupted run of this "
                               "same conversion, found other files")
     state.mkdir(parents=True, exist_ok=True)
     write_text_atomic(state / "plan.json", json.dumps({"fingerprint": p.fingerprint}) + "\n")
-    return "fresh"
+    return "fresh", {}, {}
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
 
 
 def _err_dict(e: ConversionError) -> dict:
-    return {"max_abs": e.max_abs, "max_rel": e.max_rel, "rel_l2": e.rel_l2}
+    """The report's entry; an undefined relative error (all-zero reference) is null, not 0."""
+    return {"max_abs": _finite_or_none(e.max_abs), "max_rel": _finite_or_none(e.max_rel),
+            "rel_l2": _finite_or_none(e.rel_l2)}
+
+
+def _badness(e: dict) -> float:
+    """Sort key of a report entry: an undefined error ranks worst."""
+    v = e.get("max_rel")
+    return math.inf if v is None else v
+
+
+# The source fingerprint of an output shard: sha256 over the sha256 of each unit's input
+# bytes (in plan order). Computed while streaming; recomputed from SRC on a rerun.
+CHECK_PIECE_BYTES = 1 << 24
+
+
+def _combine(unit_digests: list[str]) -> str:
+    return hashlib.sha256("".join(unit_digests).encode()).hexdigest()
+
+
+def _source_digest(p: Plan, i: int, reader: TensorReader, buf: memoryview, bar=None) -> str:
+    """The source fingerprint of shard ``i``, read from SRC now (no output written)."""
+    out = []
+    for u in p.shards[i]:
+        h = hashlib.sha256()
+        for t in u.inputs:
+            for start in range(0, t.nbytes, len(buf)):
+                view = buf[:min(len(buf), t.nbytes - start)]
+                reader.read_range(t, start, view)
+                h.update(view)
+        out.append(h.hexdigest())
+        if bar is not None:
+            bar.update(u.in_bytes)
+    return _combine(out)
+
+
+def _unchanged(p: Plan, dst: Path, claimed: dict[int, dict], progress: bool) -> dict[int, dict]:
+    """The claimed finished shards whose file is there and whose sources hash as recorded."""
+    keep: dict[int, dict] = {}
+    candidates = {i: rec for i, rec in claimed.items() if isinstance(rec, dict)
+                  and (dst / p.files[i]).is_file()
+                  and (dst / p.files[i]).stat().st_size == rec.get("size")
+                  and isinstance(rec.get("source_sha256"), str)}
+    bar = None
+    if progress and candidates:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(u.in_bytes for i in candidates for u in p.shards[i]), unit="B",
+                   unit_scale=True, desc="check source", file=sys.stderr)
+    buf = memoryview(bytearray(CHECK_PIECE_BYTES))
+    with TensorReader() as r:
+        for i, rec in sorted(candidates.items()):
+            if _source_digest(p, i, r, buf, bar) == rec["source_sha256"]:
+                keep[i] = rec
+    if bar is not None:
+        bar.close()
+    return keep
 
 
 # Conversions are computed ahead of the writer by a helper thread (torch releases the GIL),
@@ -478,14 +696,16 @@ class _Ring:
         return k, self.bufs[k][:n]
 
 
-def _stream_copy(u: Unit, reader: TensorReader, w: ShardWriter, ring: _Ring) -> None:
-    """A copy unit, piece by piece: its outputs are its inputs' bytes, renamed."""
+def _stream_copy(u: Unit, reader: TensorReader, w: ShardWriter, ring: _Ring, src_hash
+                 ) -> None:
+    """A copy unit, piece by piece: its outputs are its inputs' bytes, renamed; ``src_hash``
+    is fed the same bytes (on the writer's hashing thread)."""
     for t, (name, dtype, shape) in zip(u.inputs, u.outputs, strict=True):
         w.begin(name, dtype, shape)
         for start in range(0, t.nbytes, PIECE_BYTES):
             k, view = ring.next(min(PIECE_BYTES, t.nbytes - start))
             reader.read_range(t, start, view)
-            ring.pending[k] = w.piece(view)
+            ring.pending[k] = w.piece(view, also=src_hash)
 
 
 def _out_bytes(u: Unit) -> int:
@@ -507,10 +727,13 @@ def dense_threads(default: int) -> int:
     return max(1, min(default, cores - 2))
 
 
-def _compute(u: Unit, local: threading.local) -> tuple[Outputs, Errors, int]:
+def _compute(u: Unit, local: threading.local) -> tuple[Outputs, Errors, int, str]:
+    """Run a conversion unit; also returns the sha256 of the input bytes it read."""
     if not hasattr(local, "reader"):
         local.reader = TensorReader()
-    return u.fn({t.name: local.reader.read(t) for t in u.inputs})
+    h = hashlib.sha256()
+    x = {t.name: local.reader.read(t, also=h) for t in u.inputs}
+    return (*u.fn(x), h.hexdigest())
 
 
 def _run_shard(p: Plan, i: int, dst: Path, reader: TensorReader, bar, fsync: bool,
@@ -525,6 +748,7 @@ def _run_shard(p: Plan, i: int, dst: Path, reader: TensorReader, bar, fsync: boo
     futures: dict[int, Future] = {}
     held = 0  # output bytes of conversions submitted and not yet written
     ring = _Ring()
+    digests: list = []  # per unit: the hex digest, or the hash object the writer thread feeds
     try:
         for k, u in enumerate(units):
             while ahead and (not futures or held + _out_bytes(units[ahead[0]]) <=
@@ -533,9 +757,12 @@ def _run_shard(p: Plan, i: int, dst: Path, reader: TensorReader, bar, fsync: boo
                 held += _out_bytes(units[j])
                 futures[j] = pool.submit(_compute, units[j], local)
             if u.stream:
-                _stream_copy(u, reader, w, ring)
+                h = hashlib.sha256()
+                _stream_copy(u, reader, w, ring, h)
+                digests.append(h)
             else:
-                out, errs, lz = futures.pop(k).result()
+                out, errs, lz, dig = futures.pop(k).result()
+                digests.append(dig)
                 held -= _out_bytes(u)
                 for name, _, _ in u.outputs:
                     w.write(name, out[name])
@@ -551,8 +778,9 @@ def _run_shard(p: Plan, i: int, dst: Path, reader: TensorReader, bar, fsync: boo
         w.abort()
         raise
     size = w.tmp.stat().st_size
-    return w, {"file": p.files[i], "size": size, "sha256": sha, "errors": errors,
-               "lossy": lossy}
+    src = _combine([d if isinstance(d, str) else d.hexdigest() for d in digests])
+    return w, {"file": p.files[i], "size": size, "sha256": sha, "source_sha256": src,
+               "errors": errors, "lossy": lossy}
 
 
 def _commit(w: ShardWriter, state: Path, i: int, rec: dict) -> None:
@@ -561,32 +789,47 @@ def _commit(w: ShardWriter, state: Path, i: int, rec: dict) -> None:
     write_text_atomic(state / f"done-{i:05d}.json", json.dumps(rec) + "\n")
 
 
-def _copy_side_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for f in sorted(src.iterdir()):
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in NOT_COPIED \
-                and not f.name.startswith("."):
-            tmp = dst / f".{f.name}.partial"
+def _copy_side_files(p: Plan, dst: Path) -> None:
+    """SRC's other files (tokenizer, generation config, ...), ``auto_map`` removed from JSON."""
+    for name in p.side_files:
+        f = p.src.root / name
+        stripped = _json_with_auto_map(f)
+        if stripped is not None:
+            stripped.pop("auto_map")
+            write_text_atomic(dst / name, json.dumps(stripped, indent=2) + "\n")
+            continue
+        tmp = dst / f".{name}.partial"
+        try:
             shutil.copyfile(f, tmp)
-            tmp.replace(dst / f.name)
-            copied.append(f.name)
-    return copied
+            tmp.replace(dst / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def execute(p: Plan, dst: Path, progress: bool = False, fsync: bool = True) -> str:
     """Run (or resume) the plan into ``dst``. Returns 'done' (nothing to do) or 'converted'."""
     _check_dst(p.src.root, dst)
-    mode = _prepare_dst(p, dst)
-    if mode == "done":
-        return "done"
+    with DestinationLock(dst):
+        return _execute_locked(p, dst, progress, fsync)
+
+
+def _execute_locked(p: Plan, dst: Path, progress: bool, fsync: bool) -> str:
+    mode, claimed, manifest = _prepare_dst(p, dst)
     state = dst / STATE_DIR
+    records = _unchanged(p, dst, claimed, progress)
+    if mode == "complete":
+        if len(records) == len(p.files) and manifest.get("side_sha256") == p.side_files:
+            return "done"
+        # SRC changed since: make the finished conversion an interrupted one that keeps the
+        # shards whose sources are unchanged (state first: a kill in between stays "complete")
+        state.mkdir(exist_ok=True)
+        write_text_atomic(state / "plan.json", json.dumps({"fingerprint": p.fingerprint}) + "\n")
+        for i, rec in records.items():
+            write_text_atomic(state / f"done-{i:05d}.json", json.dumps(rec) + "\n")
+        (dst / MANIFEST).unlink()
     for stale in dst.glob(".*.partial"):
         stale.unlink()
-    records: dict[int, dict] = {}
-    for i, f in enumerate(p.files):
-        rec = _load_json(state / f"done-{i:05d}.json")
-        if rec and (dst / f).is_file() and (dst / f).stat().st_size == rec.get("size"):
-            records[i] = rec
     bar = None
     if progress:
         from tqdm import tqdm
@@ -627,13 +870,15 @@ def _finish(p: Plan, dst: Path, records: dict[int, dict]) -> None:
     for name, content in p.side.items():
         write_text_atomic(dst / name, json.dumps(content, indent=2) + "\n")
     write_text_atomic(dst / "config.json", json.dumps(p.config, indent=2) + "\n")
-    _copy_side_files(p.src.root, dst)
+    _copy_side_files(p, dst)
     errors: dict[str, dict] = {}
     for i in sorted(records):
         errors.update(records[i]["errors"])
-    worst = max(errors.items(), key=lambda kv: kv[1]["max_rel"], default=None)
+    worst = max(errors.items(), key=lambda kv: _badness(kv[1]), default=None)
+    dropped = [f"dropped from SRC: {d}" for d in p.dropped]
     report = {"source_layout": p.src_layout.value, "target": p.target.value,
-              "dense": p.dense.value, "warnings": p.warnings,
+              "dense": p.dense.value, "warnings": p.warnings + dropped,
+              "dropped": p.dropped,
               "lossy_mxfp4_blocks": sum(r["lossy"] for r in records.values()),
               "worst_tensor": worst[0] if worst else None,
               "tensors": dict(sorted(errors.items()))}
@@ -642,7 +887,9 @@ def _finish(p: Plan, dst: Path, records: dict[int, dict]) -> None:
                    and f.name != MANIFEST)
     shas = {i_rec["file"]: i_rec["sha256"] for i_rec in records.values()}
     manifest = {"fingerprint": p.fingerprint, "tool": f"dsv4-nvfp4 {__version__}",
-                "files": {f: shas.get(f) or sha256_file(dst / f) for f in files}}
+                "files": {f: shas.get(f) or sha256_file(dst / f) for f in files},
+                "shards": [records[i] for i in range(len(p.files))],
+                "side_sha256": p.side_files}
     write_text_atomic(dst / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(dst / STATE_DIR, ignore_errors=True)
 
@@ -686,6 +933,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def _os_error_line(e: OSError, dst: Path) -> str:
+    """One line for an OSError: the destination file when writing failed (shutil names the
+    source of a copy in ``filename`` and the destination in ``filename2``)."""
+    what = e.strerror or str(e)
+    if e.filename2:
+        return f"{e.filename2}: expected a writable destination, found {what}"
+    if e.filename:
+        f = Path(os.fsdecode(e.filename))
+        inside = f.resolve() == dst.resolve() or dst.resolve() in f.resolve().parents
+        if not inside and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return f"{f}: expected a readable file, found {what}"
+        if inside:
+            return f"{f}: expected a writable destination, found {what}"
+    return f"{dst}: expected a writable destination, found {what}"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         _check_dst(args.src, args.dst)
@@ -699,21 +962,27 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, FormatError) as e:
         return fail(str(e))
     except OSError as e:
-        return fail(f"{getattr(e, 'filename', '') or args.dst}: expected a writable "
-                    f"destination, found {e.strerror}")
+        return fail(_os_error_line(e, args.dst))
     if status == "done":
-        print(f"{args.dst}: already complete (manifest matches this conversion)")
-    else:
-        rep = _load_json(args.dst / REPORT) or {}
-        worst = rep.get("worst_tensor")
-        print(f"wrote {args.dst} ({Layout.B.title if args.to is Target.NVFP4 else 'BF16'})")
-        if worst:
-            e = rep["tensors"][worst]
-            print(f"  {len(rep['tensors'])} tensors requantized; worst {worst}: max_rel "
-                  f"{e['max_rel']:.4f}, rel_l2 {e['rel_l2']:.4f} (all in {REPORT})")
-        if rep.get("lossy_mxfp4_blocks"):
-            print(f"  lossless cast: {rep['lossy_mxfp4_blocks']} MXFP4 blocks were below the "
-                  "E4M3 range and requantized")
+        print(f"{args.dst}: already complete (manifest matches this conversion and its "
+              "sources)")
+        return 0
+    rep = _load_json(args.dst / REPORT) or {}
+    worst = rep.get("worst_tensor")
+    print(f"wrote {args.dst} ({Layout.B.title if args.to is Target.NVFP4 else 'BF16'})")
+    if worst:
+        e = rep["tensors"][worst]
+        if e["max_rel"] is None or e["rel_l2"] is None:
+            err = "relative error undefined (its exact dequantization is all zero)"
+        else:
+            err = f"max_rel {e['max_rel']:.4f}, rel_l2 {e['rel_l2']:.4f}"
+        print(f"  {len(rep['tensors'])} tensors requantized; worst {worst}: {err} "
+              f"(all in {REPORT})")
+    if rep.get("lossy_mxfp4_blocks"):
+        print(f"  lossless cast: {rep['lossy_mxfp4_blocks']} MXFP4 blocks were below the "
+              "E4M3 range and requantized")
+    for d in rep.get("dropped") or []:
+        print(f"  dropped from SRC: {d}")
     return 0
 
 

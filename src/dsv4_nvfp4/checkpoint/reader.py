@@ -311,13 +311,17 @@ class TensorReader:
                                       "(truncated)")
             done += n
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor in its stored dtype and shape (F8_E8M0 as ``float8_e8m0fnu``)."""
+    def read(self, info: TensorInfo, also=None) -> torch.Tensor:
+        """The tensor in its stored dtype and shape (F8_E8M0 as ``float8_e8m0fnu``);
+        ``also``: a hash object (``hashlib``) to feed its bytes."""
         dt = DTYPES[info.dtype][0]
         if dt is None or info.dtype == "F4":
             raise CheckpointError(f"{info.file.name}: {info.name}: expected a dtype torch can "
                                   f"hold, found {info.dtype}")
-        return self.raw(info).view(dt).reshape(info.shape)
+        raw = self.raw(info)
+        if also is not None:
+            also.update(memoryview(raw.numpy()))
+        return raw.view(dt).reshape(info.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

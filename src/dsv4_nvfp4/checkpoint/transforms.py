@@ -90,10 +90,7 @@ class ErrorAccumulator:
             self.ref_sq += float(torch.dot(ref, ref))
 
     def result(self) -> ConversionError:
-        return ConversionError(
-            max_abs=self.max_abs,
-            max_rel=self.max_abs / self.ref_amax if self.ref_amax > 0 else 0.0,
-            rel_l2=(self.diff_sq ** 0.5) / (self.ref_sq ** 0.5) if self.ref_sq > 0 else 0.0)
+        return ConversionError.from_sums(self.max_abs, self.ref_amax, self.diff_sq, self.ref_sq)
 
 
 def _rows(src: Storage, parts: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:

@@ -105,13 +105,20 @@ class ShardWriter:
         self._open = expected_nbytes(dtype, shape)
         return self._open
 
-    def piece(self, data: memoryview) -> Future:
-        """The next bytes of the tensor begun; ``data`` must not change before the future."""
+    def piece(self, data: memoryview, also=None) -> Future:
+        """The next bytes of the tensor begun; ``data`` must not change before the future.
+
+        ``also``: a second hash object (``hashlib``) fed the same bytes on the hashing
+        thread, after the shard's own (the converter's fingerprint of its inputs).
+        """
         if len(data) > self._open:
             raise RuntimeError(f"{self.path.name}: {len(data)} bytes given, {self._open} owed "
                                f"to {self.entries[self._next - 1][0]}")
         self._open -= len(data)
-        return self._emit(data)
+        fut = self._emit(data)
+        if also is not None:
+            fut = self._last = self._hasher.submit(also.update, data)
+        return fut
 
     def finish(self) -> str:
         """Every planned tensor written: flush and return the sha256 (still the temp name)."""
@@ -125,11 +132,18 @@ class ShardWriter:
         return self._sha.hexdigest()
 
     def commit(self) -> None:
-        """fsync (unless disabled) and rename to the final name."""
-        if self.fsync:
-            os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp, self.path)
+        """fsync (unless disabled) and rename to the final name; on failure no temporary
+        file is left."""
+        try:
+            if self.fsync:
+                os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            if not self._f.closed:
+                self._f.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
 
     def close(self) -> str:
         sha = self.finish()

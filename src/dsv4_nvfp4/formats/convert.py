@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,26 +31,45 @@ class ConversionError:
     """Error of a converted tensor against its exact reference (fp32).
 
     max_abs: max |converted - reference|
-    max_rel: max_abs / max |reference| (0 when the reference is all zero)
+    max_rel: max_abs / max |reference|
     rel_l2:  ||converted - reference|| / ||reference||
+
+    The relative statistics are NaN (undefined), never 0, when the reference is
+    all zero or not finite: a tensor that dequantized to zeros (a zero global
+    scale) or to NaN must not read as a perfect conversion. :meth:`from_sums`
+    is the one formula; :meth:`between` and the converter's chunked
+    accumulator both call it.
     """
 
     max_abs: float
     max_rel: float
     rel_l2: float
 
+    @property
+    def defined(self) -> bool:
+        """False when the reference was all zero or not finite (relative error undefined)."""
+        return self.rel_l2 == self.rel_l2 and self.max_rel == self.max_rel
+
     @staticmethod
-    def between(converted: torch.Tensor, reference: torch.Tensor) -> ConversionError:
-        ref = reference.float()
-        diff = (converted.float() - ref).abs()
-        max_abs = float(diff.max()) if diff.numel() else 0.0
-        amax = float(ref.abs().max()) if ref.numel() else 0.0
-        norm = float(ref.norm())
+    def from_sums(max_abs: float, ref_amax: float, diff_sq: float, ref_sq: float
+                  ) -> ConversionError:
+        """From max |diff|, max |reference|, sum diff² and sum reference²."""
+        nan = float("nan")
+        finite = math.isfinite(ref_amax) and math.isfinite(ref_sq)
         return ConversionError(
             max_abs=max_abs,
-            max_rel=max_abs / amax if amax > 0 else 0.0,
-            rel_l2=float(diff.norm()) / norm if norm > 0 else 0.0,
+            max_rel=max_abs / ref_amax if finite and ref_amax > 0 else nan,
+            rel_l2=math.sqrt(diff_sq) / math.sqrt(ref_sq) if finite and ref_sq > 0 else nan,
         )
+
+    @staticmethod
+    def between(converted: torch.Tensor, reference: torch.Tensor) -> ConversionError:
+        ref = reference.float().reshape(-1)
+        diff = converted.float().reshape(-1) - ref
+        if not diff.numel():
+            return ConversionError.from_sums(0.0, 0.0, 0.0, 0.0)
+        return ConversionError.from_sums(float(diff.abs().max()), float(ref.abs().max()),
+                                         float(torch.dot(diff, diff)), float(torch.dot(ref, ref)))
 
 
 def mxfp4_to_nvfp4_lossless(packed: torch.Tensor, scale: torch.Tensor
