@@ -45,23 +45,50 @@ BUILD_ARGS := \
 	--build-arg VENDORED_DEEPGEMM_VERSION=$(VENDORED_DEEPGEMM_VERSION) \
 	--build-arg GIT_REVISION=$(GIT_REVISION)
 
-.PHONY: build push
-build: ## Build the serving image [REGISTRY/]IMAGE:TAG (also tagged IMAGE:latest)
-	$(DOCKER) build $(BUILD_ARGS) --target runtime -t $(IMAGE_REF) -t $(IMAGE):latest .
+# The image the node runs is .env's DSV4_IMAGE, read by `make up`, `make verify`
+# and a plain `docker compose up` alike. `make build` and `make push` write the
+# reference they made into it, so all three run what was last built or pushed,
+# and a .env copied to a second host names a tag that exists in the registry.
+# `make up DSV4_IMAGE=...` runs another image for once, leaving .env alone.
+DSV4_IMAGE ?= $(IMAGE):latest
 
-push: ## Push [REGISTRY/]IMAGE:TAG (`make build push REGISTRY=...`)
+# record_image REF: DSV4_IMAGE=REF in .env (the line replaced where it is, or
+# appended), and for the rest of this make run (`make build up`).
+define record_image
+	@if [ ! -f .env ]; then \
+	  echo "no .env yet: cp .env.example .env, then set DSV4_IMAGE=$(1) in it" >&2; \
+	elif grep -q '^DSV4_IMAGE=' .env; then \
+	  sed -i 's|^DSV4_IMAGE=.*|DSV4_IMAGE=$(1)|' .env && echo ".env: DSV4_IMAGE=$(1)"; \
+	else \
+	  echo 'DSV4_IMAGE=$(1)' >> .env && echo ".env: DSV4_IMAGE=$(1)"; \
+	fi
+	$(eval DSV4_IMAGE = $(1))
+endef
+
+.PHONY: build push
+build: ## Build the serving image [REGISTRY/]IMAGE:TAG (also IMAGE:latest); records it in .env
+	$(DOCKER) build $(BUILD_ARGS) --target runtime -t $(IMAGE_REF) -t $(IMAGE):latest .
+	$(call record_image,$(IMAGE_REF))
+
+push: ## Push [REGISTRY/]IMAGE:TAG (`make build push REGISTRY=...`); records it in .env
 	@test -n "$(REGISTRY)" || { echo "make push: set REGISTRY (e.g. make build push REGISTRY=registry.example.com/team)" >&2; exit 2; }
 	$(DOCKER) push $(IMAGE_REF)
+	$(call record_image,$(IMAGE_REF))
 
 # --- compose (on the B200 node) ------------------------------------------------
-# compose.yaml reads .env; `make up` runs the image this Makefile builds
-# unless DSV4_IMAGE is given (`make up DSV4_IMAGE=registry/dsv4-nvfp4:TAG`).
+# compose.yaml reads .env; `make up` passes the same DSV4_IMAGE (see above).
 COMPOSE ?= $(DOCKER) compose
-DSV4_IMAGE ?= $(IMAGE_REF)
 
-.PHONY: up down logs ps
+.PHONY: up down logs ps verify
 up: ## Start the server in the background (docker compose up -d); wait with `make ps`
 	DSV4_IMAGE=$(DSV4_IMAGE) $(COMPOSE) up -d
+
+# The checkpoint linter with nothing but Docker: the image's own dsv4-nvfp4, the
+# model directory read-only, no network. (Without the image: `pip install .`
+# brings `dsv4-nvfp4 inspect/verify/convert` without vLLM, see the README.)
+verify: ## Verify MODEL_DIR's checkpoint with the image's dsv4-nvfp4 (docker run; no venv)
+	@test -d "$(MODEL_DIR)" || { echo "make verify: MODEL_DIR='$(MODEL_DIR)' is not a directory (set it in .env)" >&2; exit 2; }
+	$(DOCKER) run --rm --network none --entrypoint dsv4-nvfp4 -v "$(abspath $(MODEL_DIR))":/model:ro $(DSV4_IMAGE) verify /model
 
 down: ## Stop and remove the server (caches in named volumes are kept)
 	$(COMPOSE) down

@@ -8,6 +8,8 @@ Docker or a server, so a typo in a recipe or a missing variable fails here.
 from __future__ import annotations
 
 import re
+import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -15,19 +17,37 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKEFILE = ROOT / "Makefile"
+ENV_EXAMPLE = ROOT / ".env.example"
 
 REQUIRED_TARGETS = {
     "help", "setup", "test", "lint", "build", "push", "up", "down", "logs", "ps",
-    "smoke", "bench", "eval", "demo", "acceptance", "doctor",
+    "smoke", "bench", "eval", "demo", "acceptance", "doctor", "verify",
 }  # fmt: skip
 CLI_TARGETS = {"smoke", "bench", "eval", "demo", "acceptance", "doctor"}
 
 pytestmark = pytest.mark.cpu
 
 
-def make(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT,
+def make(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd,
                           capture_output=True, text=True)  # fmt: skip
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Path:
+    """A checkout on a node: the Makefile, its pin file and a .env copied from .env.example
+    (mode 600, as a file holding the API key should be). Not a git checkout, so TAG is given."""
+    shutil.copy(MAKEFILE, tmp_path / "Makefile")
+    (tmp_path / "src" / "dsv4_nvfp4").mkdir(parents=True)
+    shutil.copy(ROOT / "src" / "dsv4_nvfp4" / "versions.env", tmp_path / "src" / "dsv4_nvfp4")
+    env = tmp_path / ".env"
+    env.write_text(ENV_EXAMPLE.read_text())
+    env.chmod(0o600)
+    return tmp_path
+
+
+def dsv4_image_lines(env: Path) -> list[str]:
+    return [ln for ln in env.read_text().splitlines() if ln.startswith("DSV4_IMAGE=")]
 
 
 def documented_targets() -> list[str]:
@@ -84,11 +104,78 @@ def test_push_without_registry_stops_with_one_line():
     assert "docker push" not in result.stdout
 
 
-def test_up_runs_the_built_image_unless_told_otherwise():
-    up = make("-n", "up", "REGISTRY=r.example", "TAG=t2").stdout.strip()
-    assert up == "DSV4_IMAGE=r.example/dsv4-nvfp4:t2 docker compose up -d"
-    up = make("-n", "up", "DSV4_IMAGE=other/image:1").stdout.strip()
-    assert up.startswith("DSV4_IMAGE=other/image:1 ")
+def test_up_runs_the_image_env_names_unless_told_otherwise(node: Path):
+    assert make("-n", "up", cwd=node).stdout.strip() == (
+        "DSV4_IMAGE=dsv4-nvfp4:latest docker compose up -d")  # .env.example's value
+    up = make("-n", "up", "DSV4_IMAGE=other/image:1", cwd=node).stdout.strip()
+    assert up == "DSV4_IMAGE=other/image:1 docker compose up -d"
+    (node / ".env").unlink()  # no .env: compose.yaml's own default
+    assert make("-n", "up", cwd=node).stdout.startswith("DSV4_IMAGE=dsv4-nvfp4:latest ")
+
+
+def test_push_records_the_pushed_ref_in_env_for_up_verify_and_compose(node: Path):
+    """`make build push` really runs here (DOCKER=true stands in for the docker CLI):
+    afterwards .env names the pushed tag, so `make up`, `make verify` and a plain
+    `docker compose up` on a host that received this .env all run that tag."""
+    env = node / ".env"
+    before = env.read_text().splitlines()
+    ref = "registry.example.com/team/dsv4-nvfp4:t1"
+    result = make("build", "push", "REGISTRY=registry.example.com/team", "TAG=t1", "DOCKER=true",
+                  cwd=node)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f".env: DSV4_IMAGE={ref}" in result.stdout
+    after = env.read_text().splitlines()
+    assert dsv4_image_lines(env) == [f"DSV4_IMAGE={ref}"]
+    # the one line replaced where it was; every other line (and the mode) kept
+    assert [ln for ln in after if not ln.startswith("DSV4_IMAGE=")] == [
+        ln for ln in before if not ln.startswith("DSV4_IMAGE=")]  # fmt: skip
+    assert after.index(f"DSV4_IMAGE={ref}") == before.index("DSV4_IMAGE=dsv4-nvfp4:latest")
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+
+    assert make("-n", "up", cwd=node).stdout.strip() == f"DSV4_IMAGE={ref} docker compose up -d"
+    model = node / "model"
+    model.mkdir()
+    verify = make("-n", "verify", f"MODEL_DIR={model}", cwd=node).stdout.splitlines()[-1]
+    assert verify == (f"docker run --rm --network none --entrypoint dsv4-nvfp4 "
+                      f'-v "{model}":/model:ro {ref} verify /model')  # fmt: skip
+    # compose itself (the real binary) resolves the same image from this .env
+    from dsv4_nvfp4.deploy import lint
+
+    result = lint.run_compose(ROOT, ["config", "--images"], env_file=env,
+                              extra_env={"MODEL_DIR": str(model)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [ref]
+
+
+def test_build_up_in_one_run_starts_the_image_just_built(node: Path):
+    out = make("-n", "build", "up", "TAG=t3", cwd=node).stdout.splitlines()
+    assert out[-1] == "DSV4_IMAGE=dsv4-nvfp4:t3 docker compose up -d"
+
+
+def test_record_appends_when_env_has_no_dsv4_image_and_never_creates_env(node: Path):
+    env = node / ".env"
+    env.write_text("VLLM_API_KEY=k\n")
+    assert make("build", "TAG=t4", "DOCKER=true", cwd=node).returncode == 0
+    assert env.read_text() == "VLLM_API_KEY=k\nDSV4_IMAGE=dsv4-nvfp4:t4\n"
+    env.unlink()
+    result = make("build", "TAG=t5", "DOCKER=true", cwd=node)
+    assert result.returncode == 0
+    assert not env.exists()
+    assert "cp .env.example .env, then set DSV4_IMAGE=dsv4-nvfp4:t5" in result.stderr
+
+
+def test_verify_runs_the_images_cli_read_only_without_network(node: Path):
+    model = node / "models" / "v4"
+    model.mkdir(parents=True)
+    line = make("-n", "verify", "MODEL_DIR=models/v4", "DSV4_IMAGE=r/x:1",
+                cwd=node).stdout.splitlines()[-1]  # fmt: skip
+    # a relative MODEL_DIR is made absolute (docker -v would take it for a volume name)
+    assert line == (f"docker run --rm --network none --entrypoint dsv4-nvfp4 "
+                    f'-v "{model}":/model:ro r/x:1 verify /model')  # fmt: skip
+    result = make("verify", "MODEL_DIR=/nonexistent/model", "DOCKER=false", cwd=node)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == (
+        "make verify: MODEL_DIR='/nonexistent/model' is not a directory (set it in .env)")
 
 
 @pytest.mark.parametrize("target", sorted(CLI_TARGETS))
