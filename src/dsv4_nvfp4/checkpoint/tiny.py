@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -316,7 +317,25 @@ def write_tiny(out_dir: str | Path, layout: Layout, mtp: bool = False,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: expected an empty or new directory, found existing files")
     tensors, config, side = build(layout, tiny_dims_config(mtp, cpu_servable), seed, recipe)
-    return write_checkpoint(out, tensors, config, side, max_shard_bytes)
+    # the topmost directory this call creates (None: OUT exists, empty), removed on failure
+    top = None
+    for d in (out, *out.parents):
+        if d.exists():
+            break
+        top = d
+    try:
+        return write_checkpoint(out, tensors, config, side, max_shard_bytes)
+    except BaseException as e:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        elif out.is_dir():
+            for f in out.iterdir():  # it was empty
+                shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            where = e.filename or out
+            raise CheckpointError(f"{where}: expected a writable location for the tiny "
+                                  f"checkpoint, found {e.strerror or e}") from None
+        raise
 
 
 # --- CLI -----------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ What it checks, in order:
    ``input_scale`` finite and positive; w1/w3 ``weight_scale_2`` equal (vLLM
    uses w1's for both); UE8M0 without 0xFF.
 5. ``--against ORIGINAL``: ``mtp.*`` byte-identical to the original.
+6. Files a conversion leaves: no temporary ``.*.partial`` file anywhere in the
+   directory; in a directory ``convert`` wrote (it has ``manifest.json``,
+   ``conversion_report.json`` or the ``.dsv4-convert`` state), a manifest that
+   exists, is complete (it lists every file and every file it lists exists) and
+   whose sha256 matches each file (``--no-hash`` skips the hashing).
 
 Layout C's known gaps (no ``mtp.*``, ``o_a_proj`` BF16 but not in ``ignore``)
 are reported as notes: they are what the layout is, and why ``convert`` exists.
@@ -435,11 +440,70 @@ def against(ck: Checkpoint, original: Checkpoint) -> tuple[list[Finding], int]:
     return out, len(names)
 
 
+# --- files a conversion leaves ---------------------------------------------------------------
+
+MANIFEST = "manifest.json"  # convert.py writes it last; its presence means complete
+CONVERT_MARKERS = ("conversion_report.json", ".dsv4-convert")
+
+
+def files_findings(root: Path, check_hash: bool = True) -> list[Finding]:
+    """Leftover temporary files, and the manifest of a directory ``convert`` wrote."""
+    from .writer import sha256_file
+
+    out = [Finding("files.partial", f.name, "", "no temporary files (a finished conversion or "
+                   "tiny renames every one)", "a leftover temporary file: a stopped run?")
+           for f in sorted(root.iterdir()) if f.name.endswith(".partial")]
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        if any((root / m).exists() for m in CONVERT_MARKERS):
+            out.append(Finding("manifest.missing", MANIFEST, "", "the manifest convert writes "
+                               "last (a directory convert wrote)", "absent: the conversion "
+                               "did not finish (rerun it to resume)"))
+        return out
+    try:
+        man = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return [*out, Finding("manifest.invalid", MANIFEST, "", "JSON", f"{e}")]
+    files = man.get("files") if isinstance(man, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return [*out, Finding("manifest.invalid", MANIFEST, "files", "an object of file name "
+                              "-> sha256", json.dumps(files)[:80] if files is not None
+                              else "absent")]
+    if (root / ".dsv4-convert").exists():
+        out.append(Finding("manifest.incomplete", ".dsv4-convert", "", "no conversion state "
+                           "beside a manifest", "the state of a conversion that did not "
+                           "finish (rerun it)"))
+    present = sorted(f.name for f in root.iterdir() if f.is_file()
+                     and not f.name.startswith(".") and f.name != MANIFEST)
+    for name in present:
+        if name not in files:
+            out.append(Finding("manifest.unlisted", name, "", f"every file listed in {MANIFEST}",
+                               "a file the manifest does not list"))
+    for name, sha in sorted(files.items()):
+        f = root / name
+        if "/" in name or "\\" in name or name in (".", ".."):
+            out.append(Finding("manifest.invalid", MANIFEST, name, "a file name inside the "
+                               "checkpoint directory", "a path"))
+        elif not f.is_file():
+            out.append(Finding("manifest.file_missing", name, "", f"the file {MANIFEST} lists",
+                               "absent"))
+        elif check_hash:
+            try:
+                got = sha256_file(f)
+            except OSError as e:
+                got = f"unreadable ({e.strerror})"
+            if got != sha:
+                out.append(Finding("manifest.sha256", name, "", f"sha256 {sha} (per "
+                                   f"{MANIFEST})", got))
+    return out
+
+
 # --- entry points --------------------------------------------------------------------------
 
 
 def verify(path: str | Path, against_path: str | Path | None = None, check_values: bool = True,
-           progress: bool = False) -> Report:
+           progress: bool = False, check_hash: bool = True) -> Report:
     """Lint a checkpoint directory. Raises :class:`CheckpointError` for unusable input."""
     ck = open_checkpoint(path)
     layout = detect(set(ck.tensors), ck.config) if ck.tensors else None
@@ -447,6 +511,7 @@ def verify(path: str | Path, against_path: str | Path | None = None, check_value
         raise CheckpointError(f"{path}: expected readable shards, found none "
                               f"({'; '.join(f.line() for f in ck.problems[:3])})")
     findings, notes, states = structure(ck, layout)
+    findings = files_findings(Path(path), check_hash) + findings
     rep = Report(Path(path), layout, len(ck.tensors), len(ck.shards), ck.total_bytes(),
                  check_values, findings, notes)
     if check_values:
@@ -486,7 +551,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="also require mtp.* byte-identical to this checkpoint")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-values", action="store_true",
-                   help="headers and config only (seconds, even for 900 GB)")
+                   help="headers and config only (with --no-hash: seconds, even for 900 GB)")
+    p.add_argument("--no-hash", action="store_true",
+                   help="do not re-hash the files a manifest.json lists (it reads every byte)")
     p.set_defaults(func=run)
     return p
 
@@ -494,7 +561,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     try:
         rep = verify(args.path, args.against, not args.no_values,
-                     progress=not args.json and sys.stderr.isatty())
+                     progress=not args.json and sys.stderr.isatty(),
+                     check_hash=not args.no_hash)
     except CheckpointError as e:
         if args.json:
             print(json.dumps({"path": str(args.path), "exit_code": 2, "error": str(e)}))
