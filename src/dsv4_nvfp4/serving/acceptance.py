@@ -208,6 +208,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tput-fraction", type=float, default=Thresholds.tput_fraction)
     p.add_argument("--smoke-checks", default=None, help="subset of smoke checks")
     p.add_argument("--random-model", action="store_true", help="(CI) model with random weights")
+    p.add_argument("--expect-version", default="pinned",
+                   help="vLLM version the server must report ('pinned' = versions.env, '' = any)")
     p.add_argument("--concurrency-streams", type=int, default=64, help="smoke streams (64)")
     p.add_argument("--eval-local-task", type=Path, default=None, help="offline GSM8K-format dir")
     p.add_argument("--eval-num-fewshot", type=int, default=8)
@@ -243,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key,
         concurrency=args.concurrency_streams,
         random_model=args.random_model,
-        expect_version=smoke._pinned_vllm(),
+        expect_version=smoke.expected_vllm_version(args.expect_version),
         mtp_min_acceptance_length=None if args.random_model else th.mtp_min_accepted_length,
     )
     names = [c.strip() for c in args.smoke_checks.split(",")] if args.smoke_checks else None

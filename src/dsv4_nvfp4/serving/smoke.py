@@ -744,8 +744,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def expected_vllm_version(spec: str | None) -> str | None:
+    """``--expect-version``: 'pinned' = the image's vLLM (versions.env), '' = any, else as given."""
+    return _pinned_vllm() if spec == "pinned" else (spec or None)
+
+
 def options_from_args(args: argparse.Namespace) -> SmokeOptions:
-    expect = _pinned_vllm() if args.expect_version == "pinned" else (args.expect_version or None)
+    expect = expected_vllm_version(args.expect_version)
     return SmokeOptions(
         model=args.model,
         api_key=api_key_from_env(args.api_key),
