@@ -34,7 +34,11 @@ from .deepgemm import (
 from .e2m1 import dequant_e2m1_packed, e2m1_decode, e2m1_encode, e2m1_table, pack_e2m1, unpack_e2m1
 from .errors import FormatError
 from .fp8_block import ScaleFormat, decode_fp8_block_scale, dequantize_fp8_block, quantize_fp8_block
-from .mega_moe_reference import mega_moe_stage_tokens, nvfp4_mega_moe_reference
+from .mega_moe_reference import (
+    mega_moe_stage_inputs,
+    mega_moe_stage_tokens,
+    nvfp4_mega_moe_reference,
+)
 from .mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from .nvfp4 import (
     NVFP4Tensor,
@@ -88,6 +92,7 @@ __all__ = [
     "encode_ue8m0_pow2",
     "from_mn_major",
     "interleave_gate_up",
+    "mega_moe_stage_inputs",
     "mega_moe_stage_tokens",
     "mxfp4_to_nvfp4_lossless",
     "nvfp4_global_scale_from_amax",

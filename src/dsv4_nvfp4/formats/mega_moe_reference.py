@@ -56,6 +56,7 @@ from .constants import (
     NVFP4_GLOBAL_DIVISOR,
     NVFP4_GROUP,
 )
+from .deepgemm import pack_sf_bytes_to_int32
 from .e2m1 import e2m1_encode, pack_e2m1
 from .errors import expect
 from .nvfp4 import dequantize_nvfp4
@@ -78,21 +79,39 @@ def _groups(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // NVFP4_GROUP, NVFP4_GROUP)
 
 
+def _nan_to_zero(a: torch.Tensor) -> torch.Tensor:
+    """``a`` with NaN replaced by 0: the GPU kernel's ``tl.max`` / ``tl.maximum`` skip NaN."""
+    return torch.where(torch.isnan(a), torch.zeros_like(a), a)
+
+
 def mega_moe_stage_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """vLLM 0.34.0's per-token NVFP4 staging of the FC1 input (``kNvfp4DynamicToken``).
+
+    Transcribed from vLLM 0.34.0, ``vllm/model_executor/layers/fused_moe/prepare_megamoe.py``,
+    ``_prepare_megamoe_nvfp4_inputs_kernel`` (launched by ``prepare_megamoe_nvfp4_inputs``),
+    as it runs on an NVIDIA GPU: byte-identical to that kernel for every input, inf and
+    NaN included (``tests/gpu/test_megamoe_staging_gpu.py`` compares them).
 
     ``x`` is ``[T, H]`` (bf16 in vLLM), ``H % 16 == 0``. Returns packed E2M1 uint8
     ``[T, H/2]`` (element ``2i`` in the low nibble), E4M3 block scales ``[T, H/16]``
     (row-major; vLLM packs four per int32) and ``x_scales`` fp32 ``[T]``, with
-    ``x[t] ≈ e2m1 · fp32(SF) · x_scales[t]``.
+    ``x[t] ≈ e2m1 · fp32(SF) · x_scales[t]``::
 
-    The arithmetic of vLLM's staging kernel, which is not that of
-    :func:`quantize_nvfp4_activation_per_token` (the SGLang-fork convention):
-    the token scale multiplies by ``fp32(1/2688)`` with a ``1e-12`` floor (there:
-    divides, ``1e-4`` floor); ``x`` is divided by the token scale first and the
-    block scale is ``max|v| · fp32(1/6)`` floored at ``2⁻⁹`` (there:
-    ``block_amax / (6·pts)``, zero allowed); codes are ``(x / x_scale) / SF`` (there:
-    ``x / (SF·pts)``). A value that rounds to zero gets code 0 whatever its sign
+        x_scales = max(amax(|x|), 1e-12) · fp32(1/2688)
+        v        = x / x_scales                                (IEEE division)
+        SF       = e4m3(clamp(amax16(|v|) · fp32(1/6), 2⁻⁹, 448))
+        codes    = E2M1_RNE(v / fp32(SF)), sign only on a nonzero magnitude, NaN → 0
+
+    The kernel's maxima (``tl.max``, ``tl.maximum``) skip NaN, so NaN elements take no
+    part in ``amax`` and ``amax16``; a row holding ±inf gets ``x_scales`` inf, every
+    ``v`` 0 or NaN, every SF 2⁻⁹ and every code 0.
+
+    This is not the arithmetic of :func:`quantize_nvfp4_activation_per_token` (the
+    SGLang-fork convention): the token scale multiplies by ``fp32(1/2688)`` with a
+    ``1e-12`` floor (there: divides, ``1e-4`` floor); ``x`` is divided by the token
+    scale first and the block scale is ``max|v| · fp32(1/6)`` floored at ``2⁻⁹``
+    (there: ``block_amax / (6·pts)``, zero allowed); codes are ``(x / x_scale) / SF``
+    (there: ``x / (SF·pts)``). A value that rounds to zero gets code 0 whatever its sign
     (there: 8), and NaN gets code 0 (there: 7).
     """
     expect(x.dim() == 2, "x", "a 2-D tensor [T, H]", tuple(x.shape))
@@ -100,15 +119,68 @@ def mega_moe_stage_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     expect(x.shape[-1] % NVFP4_GROUP == 0 and x.shape[-1] > 0, "x",
            f"a last dimension that is a positive multiple of {NVFP4_GROUP}", tuple(x.shape))
     xf = x.float()
-    amax = xf.abs().amax(dim=-1)
+    amax = _nan_to_zero(xf.abs()).amax(dim=-1)
     x_scales = amax.clamp(min=MEGA_MOE_TOKEN_AMAX_FLOOR) * _f32(_RCP_GLOBAL_DIVISOR, xf)
     v = _groups(xf / x_scales.unsqueeze(-1))
-    block = (v.abs().amax(dim=-1) * _f32(_RCP_E2M1_MAX, xf)).clamp(E4M3_MIN_SUBNORMAL,
-                                                                    E4M3_MAX)
+    block = (_nan_to_zero(v.abs()).amax(dim=-1) * _f32(_RCP_E2M1_MAX, xf)).clamp(
+        E4M3_MIN_SUBNORMAL, E4M3_MAX)
     sf = encode_ue4m3(block)
-    codes = e2m1_encode((v / sf.float().unsqueeze(-1)).reshape(xf.shape))
-    codes = torch.where((codes == E2M1_SIGN_BIT) | torch.isnan(xf), 0, codes)
+    q = (v / sf.float().unsqueeze(-1)).reshape(xf.shape)
+    codes = e2m1_encode(q)
+    codes = torch.where((codes == E2M1_SIGN_BIT) | torch.isnan(q), 0, codes)
     return pack_e2m1(codes), sf, x_scales
+
+
+def mega_moe_stage_inputs(
+    hidden_states: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    is_padding: torch.Tensor | None = None,
+    w2_global_scale: torch.Tensor | None = None,
+    l2_activation_scale: float = 1.0,
+) -> dict[str, torch.Tensor | None]:
+    """Everything vLLM 0.34.0's ``prepare_megamoe_nvfp4_inputs`` writes without EPLB or a
+    fused shared expert, as tensors in the layout of its output buffers.
+
+    Transcribed from vLLM 0.34.0, ``vllm/model_executor/layers/fused_moe/prepare_megamoe.py``
+    (``prepare_megamoe_nvfp4_inputs``, ``_prepare_megamoe_nvfp4_inputs_kernel``,
+    ``_store_topk``). Returns:
+
+    * ``x`` uint8 ``[T, H/2]``, ``x_sf`` int32 ``[T, H/64]`` (four E4M3 bytes per
+      little-endian word, byte ``i`` of word ``j`` = block ``4j+i``), ``x_scales`` fp32
+      ``[T]``: :func:`mega_moe_stage_tokens`;
+    * ``topk_idx`` int64 ``[T, K]``: ``topk_ids`` widened, ``-1`` on padded tokens;
+    * ``topk_weights`` fp32 ``[T, K]``: ``topk_weights``, ``0.0`` on padded tokens;
+    * ``l2_alpha`` fp32 ``[E]`` = ``fp32(w2_global_scale · fp32(l2_activation_scale))``
+      (``None`` without ``w2_global_scale``); vLLM writes it even for ``T = 0``.
+    """
+    t = hidden_states.shape[0]
+    expect(topk_ids.dim() == 2 and topk_ids.shape[0] == t, "topk_ids", f"[{t}, K]",
+           tuple(topk_ids.shape))
+    expect(tuple(topk_weights.shape) == tuple(topk_ids.shape), "topk_weights",
+           f"shape {tuple(topk_ids.shape)}", tuple(topk_weights.shape))
+    if t:
+        x, sf, x_scales = mega_moe_stage_tokens(hidden_states)
+        x_sf = pack_sf_bytes_to_int32(sf)
+    else:
+        h = hidden_states.shape[1]
+        dev = hidden_states.device
+        x = torch.empty(0, h // 2, dtype=torch.uint8, device=dev)
+        x_sf = torch.empty(0, h // 64, dtype=torch.int32, device=dev)
+        x_scales = torch.empty(0, dtype=torch.float32, device=dev)
+    ids = topk_ids.long()
+    weights = topk_weights.float()
+    if is_padding is not None:
+        pad = is_padding[:t].bool().unsqueeze(-1)
+        ids = torch.where(pad, torch.full_like(ids, -1), ids)
+        weights = torch.where(pad, torch.zeros_like(weights), weights)
+    l2_alpha = None
+    if w2_global_scale is not None:
+        gs = w2_global_scale.float().reshape(-1)
+        l2_alpha = gs * _f32(float(l2_activation_scale), gs)
+    return {"x": x, "x_sf": x_sf, "x_scales": x_scales, "topk_idx": ids,
+            "topk_weights": weights, "l2_alpha": l2_alpha}
 
 
 def mega_moe_l2_activation_scale(w2_input_scale: torch.Tensor) -> float:
