@@ -4,6 +4,9 @@
   E2M1, int32 words of four E4M3 block-16 scales and fp32 per-token scales, the
   activation input of vLLM 0.34.0's NVFP4 MegaMoE (DeepGEMM ``nvfp4_mega_moe``
   with ``use_x_scales=True``; see ``docs/kernels.md``).
+* :func:`stage_megamoe_nvfp4_inputs`: vLLM 0.34.0's ``prepare_megamoe_nvfp4_inputs``
+  byte for byte (``formats.mega_moe_stage_inputs``), in one faster launch;
+  :func:`megamoe_staging_unsupported` names what it leaves to vLLM's kernel.
 
 It is bit-exact with its ``formats`` reference on the GPU and in Triton's CPU
 interpreter (every rounding is done on bit patterns, see ``_bits.py``).
@@ -19,6 +22,8 @@ from typing import Any
 
 _EXPORTS = {
     "TileConfig": "._config",
+    "megamoe_staging_unsupported": ".megamoe_staging",
+    "stage_megamoe_nvfp4_inputs": ".megamoe_staging",
     "stage_nvfp4_activations_per_token": ".staging",
 }
 

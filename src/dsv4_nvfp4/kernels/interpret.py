@@ -18,7 +18,7 @@ import os
 import sys
 from types import ModuleType
 
-_MODULES = ("_bits", "_config", "staging")
+_MODULES = ("_bits", "_config", "staging", "megamoe_staging")
 
 
 class InterpreterUnavailable(RuntimeError):
@@ -50,5 +50,7 @@ def load_interpreted() -> ModuleType:
     staging = importlib.import_module("dsv4_nvfp4.kernels.staging")
     if not _interpreted(staging._stage_per_token_kernel):
         for name in _MODULES:
-            importlib.reload(sys.modules[f"dsv4_nvfp4.kernels.{name}"])
+            module = sys.modules.get(f"dsv4_nvfp4.kernels.{name}")
+            if module is not None:
+                importlib.reload(module)
     return pkg
