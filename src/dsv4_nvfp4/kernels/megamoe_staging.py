@@ -136,6 +136,33 @@ def _exact_chunk(w, xs2, ROWS: tl.constexpr, G: tl.constexpr, IS_BF16: tl.conste
 
 
 @triton.jit
+def _l2_alpha(w2gs_ptr, l2a_ptr, l2_scale, num_experts, BLOCK_E: tl.constexpr):
+    """vLLM: ``l2_alpha = w2_global_scale * l2_activation_scale`` (fp32), one program."""
+    e = tl.arange(0, BLOCK_E)
+    emask = e < num_experts
+    alpha = tl.load(w2gs_ptr + e, mask=emask)
+    tl.store(l2a_ptr + e, alpha * l2_scale, mask=emask)
+
+
+@triton.jit
+def _topk_rows(rows64, rmask1, ids_ptr, w_ptr, pad_ptr, ids_out_ptr, w_out_ptr,
+               ids_sm, ids_sk, w_sm, w_sk, pad_sm, ido_sm, ido_sk, wo_sm, wo_sk,
+               TOP_K: tl.constexpr, BLOCK_TOPK: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Top-k routing of ``rows``: ids widened to int64, weights copied; padded tokens -1 / 0.0."""
+    k = tl.arange(0, BLOCK_TOPK)[None, :]
+    kmask = rmask1[:, None] & (k < TOP_K)
+    r2 = rows64[:, None]
+    ids = tl.load(ids_ptr + r2 * ids_sm + k * ids_sk, mask=kmask, other=0).to(tl.int64)
+    wts = tl.load(w_ptr + r2 * w_sm + k * w_sk, mask=kmask, other=0.0)
+    if HAS_PAD:
+        pad = tl.load(pad_ptr + rows64 * pad_sm, mask=rmask1, other=True)
+        ids = tl.where(pad[:, None], -1, ids)
+        wts = tl.where(pad[:, None], 0.0, wts)
+    tl.store(ids_out_ptr + r2 * ido_sm + k * ido_sk, ids, mask=kmask)
+    tl.store(w_out_ptr + r2 * wo_sm + k * wo_sk, wts, mask=kmask)
+
+
+@triton.jit
 def _megamoe_nvfp4_stage_kernel(
         x_ptr, out_x_ptr, out_sf_ptr, out_xs_ptr,
         ids_ptr, w_ptr, pad_ptr, ids_out_ptr, w_out_ptr, w2gs_ptr, l2a_ptr, l2_scale,
@@ -148,28 +175,14 @@ def _megamoe_nvfp4_stage_kernel(
     """ROWS whole tokens: top-k repack, then the row in registers, amax, quantize, store."""
     pid = tl.program_id(0)
     if HAS_L2:  # noqa: SIM102 (a constexpr test, then a runtime one)
-        if pid == 0:  # vLLM: l2_alpha = w2_global_scale * l2_activation_scale (fp32)
-            e = tl.arange(0, BLOCK_E)
-            emask = e < num_experts
-            alpha = tl.load(w2gs_ptr + e, mask=emask)
-            tl.store(l2a_ptr + e, alpha * l2_scale, mask=emask)
-
+        if pid == 0:
+            _l2_alpha(w2gs_ptr, l2a_ptr, l2_scale, num_experts, BLOCK_E)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask1 = rows < T
     rows64 = rows.to(tl.int64)
-
-    # Top-k routing: ids widened to int64, weights copied; padded tokens -1 / 0.0.
-    k = tl.arange(0, BLOCK_TOPK)[None, :]
-    kmask = rmask1[:, None] & (k < TOP_K)
     r2 = rows64[:, None]
-    ids = tl.load(ids_ptr + r2 * ids_sm + k * ids_sk, mask=kmask, other=0).to(tl.int64)
-    wts = tl.load(w_ptr + r2 * w_sm + k * w_sk, mask=kmask, other=0.0)
-    if HAS_PAD:
-        pad = tl.load(pad_ptr + rows64 * pad_sm, mask=rmask1, other=True)
-        ids = tl.where(pad[:, None], -1, ids)
-        wts = tl.where(pad[:, None], 0.0, wts)
-    tl.store(ids_out_ptr + r2 * ido_sm + k * ido_sk, ids, mask=kmask)
-    tl.store(w_out_ptr + r2 * wo_sm + k * wo_sk, wts, mask=kmask)
+    _topk_rows(rows64, rmask1, ids_ptr, w_ptr, pad_ptr, ids_out_ptr, w_out_ptr, ids_sm, ids_sk,
+               w_sm, w_sk, pad_sm, ido_sm, ido_sk, wo_sm, wo_sk, TOP_K, BLOCK_TOPK, HAS_PAD)
 
     G: tl.constexpr = BLOCK_H // 16
     W: tl.constexpr = BLOCK_H // 2
@@ -212,12 +225,71 @@ def _megamoe_nvfp4_stage_kernel(
                          sf_byte, packed, ROWS, G)
 
 
+@triton.jit
+def _megamoe_nvfp4_split_kernel(
+        x_ptr, out_x_ptr, out_sf_ptr, out_xs_ptr,
+        ids_ptr, w_ptr, pad_ptr, ids_out_ptr, w_out_ptr, w2gs_ptr, l2a_ptr, l2_scale,
+        T, num_experts, stride_xw, stride_ox, stride_osf,
+        ids_sm, ids_sk, w_sm, w_sk, pad_sm, ido_sm, ido_sk, wo_sm, wo_sk,
+        TOP_K: tl.constexpr, BLOCK_TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+        HAS_PAD: tl.constexpr, HAS_L2: tl.constexpr,
+        CHUNKS: tl.constexpr, BLOCK_H: tl.constexpr, IS_BF16: tl.constexpr, HW: tl.constexpr):
+    """Few tokens: program (token, c) reads the token's row for its amax and quantizes tile
+    c only (CHUNKS programs per token, so a handful of tokens still fill several SMs)."""
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    rows = row + tl.arange(0, 1)
+    rmask1 = rows < T
+    rows64 = rows.to(tl.int64)
+    r2 = rows64[:, None]
+    if c == 0:
+        if HAS_L2:  # noqa: SIM102 (a constexpr test, then a runtime one)
+            if row == 0:
+                _l2_alpha(w2gs_ptr, l2a_ptr, l2_scale, num_experts, BLOCK_E)
+        _topk_rows(rows64, rmask1, ids_ptr, w_ptr, pad_ptr, ids_out_ptr, w_out_ptr, ids_sm,
+                   ids_sk, w_sm, w_sk, pad_sm, ido_sm, ido_sk, wo_sm, wo_sk, TOP_K, BLOCK_TOPK,
+                   HAS_PAD)
+    G: tl.constexpr = BLOCK_H // 16
+    W: tl.constexpr = BLOCK_H // 2
+    rmask = rmask1[:, None]
+    src = x_ptr + r2 * stride_xw + tl.arange(0, W)[None, :]
+    acc = tl.zeros([1, G], tl.float32)
+    for cc in tl.static_range(CHUNKS):
+        lo, hi = pair_to_f32(tl.load(src + cc * W, mask=rmask, other=0), IS_BF16)
+        acc = tl.maximum(acc, _group_amax(lo, hi, 1, G, HW), propagate_nan=tl.PropagateNan.ALL)
+    row_amax = nan_max_reduce(acc, 1, HW)
+    w = tl.load(src + c * W, mask=rmask, other=0)
+    out_x = out_x_ptr + c * W
+    out_sf = out_sf_ptr + c * G
+    if tl.sum((row_amax <= FP32_MAX).to(tl.int32), axis=0) == 1:
+        lo, hi = pair_to_f32(w, IS_BF16)
+        xs = tl.maximum(row_amax, 1.0e-12) * (1.0 / 2688.0)
+        xs2 = xs[:, None]
+        zxs2 = div_rn(tl.full([1, 1], 1.0, tl.float32), xs2)
+        sf_byte, packed = _fast_chunk(w, _group_amax(lo, hi, 1, G, HW), xs2, zxs2, 1, G,
+                                      IS_BF16, HW)
+    else:
+        acc = tl.zeros([1, G], tl.float32)
+        for cc in tl.static_range(CHUNKS):
+            lo, hi = pair_to_f32(tl.load(src + cc * W, mask=rmask, other=0), IS_BF16)
+            m = tl.maximum(tl.abs(lo), tl.abs(hi))  # NaN skipped, as vLLM's tl.max
+            acc = tl.maximum(acc, tl.max(tl.reshape(m, [1, G, 8]), axis=2))
+        xs = tl.maximum(tl.max(acc, axis=1), 1.0e-12) * (1.0 / 2688.0)
+        sf_byte, packed = _exact_chunk(w, xs[:, None], 1, G, IS_BF16, HW)
+    if c == 0:
+        tl.store(out_xs_ptr + rows, xs, mask=rmask1)
+    _store_chunk(out_x, out_sf, r2, rmask, stride_ox, stride_osf, 0, sf_byte, packed, 1, G)
+
+
 # --------------------------------------------------------------------------- host side
 
 #: GPU tiles by token count, from ``benchmarks/vllm_staging_bench.py --sweep`` on an H200
 #: (docs/kernels.md): (smallest T, rows per program, warps per program) for H = 7168,
 #: the first entry whose T the batch reaches.
 GPU_MEGAMOE_TILES = ((1024, 1, 2), (128, 1, 4), (0, 1, 8))
+#: Up to this many tokens the GPU launch splits each row over its tiles (one program
+#: per token and tile, vLLM's own small-batch grid).
+GPU_SPLIT_MAX_TOKENS = 32
 MAX_GPU_BLOCK = 1024
 CPU_TILE_ELEMS = 1 << 16
 
@@ -342,12 +414,15 @@ def stage_megamoe_nvfp4_inputs(
     eplb_state: object | None = None,
     *,
     config: TileConfig | None = None,
+    split: bool | None = None,
 ) -> None:
     """vLLM 0.34.0's ``prepare_megamoe_nvfp4_inputs``, same arguments, same bytes written.
 
     Raises :class:`~dsv4_nvfp4.formats.FormatError` (a ValueError) with the reason of
     :func:`megamoe_staging_unsupported` for a call it does not handle. ``config``
-    overrides the tile (benchmarks and tests; results do not depend on it).
+    overrides the tile, ``split`` the choice of one program per token and tile (by
+    default on the GPU up to :data:`GPU_SPLIT_MAX_TOKENS` tokens); benchmarks and tests
+    only, results do not depend on them.
     """
     reason = megamoe_staging_unsupported(
         hidden_states, topk_weights, topk_ids, x, x_sf, x_scales, topk_idx_out,
@@ -365,8 +440,14 @@ def stage_megamoe_nvfp4_inputs(
     sf_bytes = x_sf.view(torch.uint8)  # [T, H/16]; byte i of word j = block 4j+i
     k = topk_ids.shape[1]
     n_e = l2_alpha.numel() if has_l2 else 0
-    grid = (max(triton.cdiv(t, cfg.rows), 1),)
-    _megamoe_nvfp4_stage_kernel[grid](
+    if split is None:
+        split = hidden_states.is_cuda and 0 < t <= GPU_SPLIT_MAX_TOKENS
+    if split and t:
+        kernel, grid, tile = _megamoe_nvfp4_split_kernel, (t, hid // cfg.block), {}
+    else:
+        kernel, grid = _megamoe_nvfp4_stage_kernel, (max(triton.cdiv(t, cfg.rows), 1),)
+        tile = {"ROWS": cfg.rows}
+    kernel[grid](
         words, x.view(torch.uint8), sf_bytes, x_scales,
         topk_ids, topk_weights, is_padding if is_padding is not None else x_scales,
         topk_idx_out, topk_weights_out,
@@ -380,6 +461,6 @@ def stage_megamoe_nvfp4_inputs(
         TOP_K=k, BLOCK_TOPK=triton.next_power_of_2(k),
         BLOCK_E=triton.next_power_of_2(max(n_e, 1)),
         HAS_PAD=is_padding is not None, HAS_L2=has_l2,
-        CHUNKS=hid // cfg.block, ROWS=cfg.rows, BLOCK_H=cfg.block,
+        CHUNKS=hid // cfg.block, BLOCK_H=cfg.block,
         IS_BF16=hidden_states.dtype == torch.bfloat16, HW=hidden_states.is_cuda,
-        num_warps=cfg.num_warps)
+        num_warps=cfg.num_warps, **tile)
