@@ -84,7 +84,7 @@ def test_runtime_settings(service: dict):
     assert service["ipc"] == "host"
     assert service["ulimits"]["memlock"] == -1
     assert service["ulimits"]["stack"] == 67108864
-    assert service["restart"] == "unless-stopped"
+    assert service["restart"] == "on-failure:2"  # bounded: see test_restart_policy_is_bounded
     assert service["logging"]["driver"] == "json-file"
     assert set(service["logging"]["options"]) == {"max-size", "max-file"}
 
@@ -334,3 +334,33 @@ def test_with_overrides_replaces_or_appends():
 def test_split_flags_rejects_a_stray_value():
     with pytest.raises(dc.ComposeError, match="expected a --flag"):
         dc.split_flags(["value-without-flag"])
+
+
+
+# The compose spec's `restart`: "no" | always | on-failure[:max-retries] | unless-stopped.
+RESTART_SPEC = re.compile(r"no|always|unless-stopped|on-failure(:[0-9]+)?")
+
+
+def test_restart_policy_is_bounded(service: dict):
+    """A deterministic crash must not reload ~913 GB forever: the policy restarts on a
+    failure exit only, a bounded number of times, written in the spec's own form."""
+    assert RESTART_SPEC.fullmatch(service["restart"])
+    policy, _, retries = service["restart"].partition(":")
+    assert policy == "on-failure"
+    assert retries.isdigit() and 1 <= int(retries) <= 3  # 0 or no count = unlimited
+
+
+@pytest.mark.parametrize("policy", ["on-failure:2", "on-failure:two", "sometimes"])
+def test_compose_config_passes_restart_through_unchecked(tmp_path: Path, policy: str):
+    """Why the test above checks the form itself: `docker compose config` keeps any
+    string. Compose turns it into the engine's policy only at create time, reading the
+    count after ':' with Go's strconv.Atoi and dropping its error, so `on-failure:two`
+    would become on-failure with count 0: unlimited."""
+    text = COMPOSE.read_text()
+    assert text.count("    restart: on-failure:2\n") == 1
+    variant = tmp_path / "compose.yaml"
+    variant.write_text(text.replace("    restart: on-failure:2\n", f"    restart: {policy}\n"))
+    result = lint.run_compose(ROOT, ["config", "--format", "json"], compose_file=variant)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["services"]["vllm"]["restart"] == policy
+    assert bool(RESTART_SPEC.fullmatch(policy)) == (policy == "on-failure:2")
