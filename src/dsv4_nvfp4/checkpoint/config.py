@@ -64,13 +64,42 @@ class Dims:
         return len(self.mtp_ratios)
 
 
-def _get(cfg: dict, key: str) -> int:
-    if key not in cfg:
+# Upper bounds of every dimension, checked before anything is sized from them (a config
+# with n_routed_experts 1e8 would otherwise build 3e8 module descriptions). DeepSeek V4
+# Pro's values, for scale: vocab 129280, hidden 7168, 61 layers, 384 experts, head_dim 512.
+MAX_DIM = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "num_hidden_layers": 1024,
+    "num_attention_heads": 1024, "head_dim": 1 << 13, "q_lora_rank": 1 << 16,
+    "o_groups": 1024, "o_lora_rank": 1 << 16, "n_routed_experts": 1 << 13,
+    "n_shared_experts": 64, "moe_intermediate_size": 1 << 16, "num_hash_layers": 1024,
+    "index_n_heads": 1024, "index_head_dim": 1 << 13, "hc_mult": 64,
+    "num_experts_per_tok": 1 << 13, "num_nextn_predict_layers": 16,
+    "qk_rope_head_dim": 1 << 13,
+}
+# (layers + MTP layers) x routed experts: the module count that dominates memory.
+MAX_EXPERT_MODULES = 1 << 18
+
+
+def _get(cfg: dict, key: str, default: int | None = None) -> int:
+    if key not in cfg or (default is not None and cfg[key] is None):
+        if default is not None:
+            return default
         raise CheckpointError(f"config.json: expected key {key!r}, found none")
     v = cfg[key]
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise CheckpointError(f"config.json: {key}: expected a non-negative integer, found {v!r}")
+        raise CheckpointError(f"config.json: {key}: expected a non-negative integer, "
+                              f"found {v!r}"[:200])
+    bound = MAX_DIM.get(key)
+    if bound is not None and v > bound:
+        raise CheckpointError(f"config.json: {key}: expected at most {bound}, found {v}")
     return v
+
+
+def _ratio(key: str, x: object) -> int:
+    if not isinstance(x, int) or isinstance(x, bool):
+        raise CheckpointError(f"config.json: {key}: expected integers (0, 1, 4 or 128), "
+                              f"found {x!r}"[:200])
+    return x
 
 
 def _ratios(cfg: dict, n_layers: int, n_mtp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -78,22 +107,28 @@ def _ratios(cfg: dict, n_layers: int, n_mtp: int) -> tuple[tuple[int, ...], tupl
         r = cfg["compress_ratios"]
         if not isinstance(r, list) or len(r) < n_layers:
             raise CheckpointError(f"config.json: compress_ratios: expected a list of at least "
-                                  f"{n_layers} entries, found {r!r}")
-        main = tuple(int(x) for x in r[:n_layers])
-        extra = [int(x) for x in r[n_layers:]]
+                                  f"{n_layers} entries, found {r!r}"[:200])
+        main = tuple(_ratio("compress_ratios", x) for x in r[:n_layers])
+        extra = [_ratio("compress_ratios", x) for x in r[n_layers:]]
         mtp = tuple((extra + [0] * n_mtp)[:n_mtp])
     elif "layer_types" in cfg:
-        rates = dict(cfg.get("compress_rates") or {})
+        rates = cfg.get("compress_rates") or {}
+        if not isinstance(rates, dict):
+            raise CheckpointError(f"config.json: compress_rates: expected an object, found "
+                                  f"{rates!r}"[:200])
         lt = cfg["layer_types"]
         if not isinstance(lt, list) or len(lt) != n_layers:
             raise CheckpointError(f"config.json: layer_types: expected {n_layers} entries, "
-                                  f"found {lt!r}")
-        try:
-            main = tuple(0 if t == "sliding_attention"
-                         else int(rates.get(t, LAYER_TYPE_TO_DEFAULT_RATIO[t])) for t in lt)
-        except KeyError as e:
+                                  f"found {lt!r}"[:200])
+        bad_t = [t for t in lt if not isinstance(t, str) or t not in LAYER_TYPE_TO_DEFAULT_RATIO]
+        if bad_t:
             raise CheckpointError(f"config.json: layer_types: expected one of "
-                                  f"{sorted(LAYER_TYPE_TO_DEFAULT_RATIO)}, found {e}") from None
+                                  f"{sorted(LAYER_TYPE_TO_DEFAULT_RATIO)}, found "
+                                  f"{bad_t[0]!r}"[:200])
+        main = tuple(0 if t == "sliding_attention"
+                     else _ratio(f"compress_rates.{t}",
+                                 rates.get(t, LAYER_TYPE_TO_DEFAULT_RATIO[t]))
+                     for t in lt)
         mtp = (0,) * n_mtp  # transformers does not record the MTP layer's ratio
     else:
         raise CheckpointError("config.json: expected compress_ratios or layer_types, found neither")
@@ -119,13 +154,14 @@ def _qk_rope(cfg: dict, head_dim: int) -> int:
     if "qk_rope_head_dim" in cfg:
         return _get(cfg, "qk_rope_head_dim")
     f = cfg.get("partial_rotary_factor")
-    return int(head_dim * f) if isinstance(f, int | float) else 64
+    ok = isinstance(f, int | float) and not isinstance(f, bool) and 0 <= f <= 1
+    return int(head_dim * f) if ok else 64
 
 
 def dims_from_config(cfg: dict) -> Dims:
     """Read the dimensions; :class:`CheckpointError` names the first missing or bad key."""
     n_layers = _get(cfg, "num_hidden_layers")
-    n_mtp = int(cfg.get("num_nextn_predict_layers", 0) or 0)
+    n_mtp = _get(cfg, "num_nextn_predict_layers", 0)
     ratios, mtp = _ratios(cfg, n_layers, n_mtp)
     d = Dims(
         vocab=_get(cfg, "vocab_size"),
@@ -139,7 +175,7 @@ def dims_from_config(cfg: dict) -> Dims:
         o_groups=_get(cfg, "o_groups"),
         o_lora=_get(cfg, "o_lora_rank"),
         n_experts=_get(cfg, "n_routed_experts"),
-        n_shared=int(cfg.get("n_shared_experts", 1)),
+        n_shared=_get(cfg, "n_shared_experts", 1),
         moe_inter=_get(cfg, "moe_intermediate_size"),
         n_hash=_n_hash(cfg, n_layers),
         index_heads=_get(cfg, "index_n_heads"),
@@ -147,6 +183,11 @@ def dims_from_config(cfg: dict) -> Dims:
         hc_mult=_get(cfg, "hc_mult"),
         topk=_get(cfg, "num_experts_per_tok"),
     )
+    if (d.n_layers + d.n_mtp) * d.n_experts > MAX_EXPERT_MODULES:
+        raise CheckpointError(f"config.json: n_routed_experts: expected (num_hidden_layers + "
+                              f"num_nextn_predict_layers) x n_routed_experts at most "
+                              f"{MAX_EXPERT_MODULES}, found {d.n_layers + d.n_mtp} x "
+                              f"{d.n_experts}")
     if d.o_groups == 0 or (d.n_heads * d.head_dim) % d.o_groups:
         raise CheckpointError(f"config.json: o_groups: expected a divisor of num_attention_heads"
                               f"*head_dim ({d.n_heads * d.head_dim}), found {d.o_groups}")

@@ -5,7 +5,8 @@ dimensions, tensor groups (role × storage) with module and tensor counts,
 dtypes and bytes, what the serving image's vLLM (``VLLM_VERSION`` in
 ``versions.env``, 0.34.0) does when loading it — stock and with the
 dsv4_nvfp4 plugin, per ``--moe-backend`` — and what would have to change to
-serve it with NVFP4 experts.
+serve it with NVFP4 experts. Exit 1 when the files themselves have problems
+(unreadable or truncated shards, an index that disagrees with them).
 """
 
 from __future__ import annotations
@@ -228,11 +229,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit 0; 1 when the files have problems (the report is printed, and the first problem
+    on stderr); 2 for unusable input."""
     try:
         r = inspect_checkpoint(args.path)
     except CheckpointError as e:
         return fail(str(e))
     print(json.dumps(r, indent=2) if args.json else format_inspect(r))
+    problems = r["file_problems"]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        print(f"error: {problems[0]}{more}: run dsv4-nvfp4 verify", file=sys.stderr)
+        return 1
     return 0
 
 

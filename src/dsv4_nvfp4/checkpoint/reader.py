@@ -94,6 +94,32 @@ class ShardHeader:
     file_size: int
 
 
+def _is_count(v: object) -> bool:
+    """A JSON integer >= 0 (not a bool, not a float)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _short(v: object, n: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def shard_name_problem(name: object) -> str | None:
+    """Why an index entry is not a shard file name inside the checkpoint (None: it is).
+
+    Only a plain file name is accepted: no directory part, no ``..``, not absolute — so an
+    index can never make a tool read (or a converter copy) a file outside the checkpoint.
+    A shard that is a symlink (the Hugging Face cache's layout) is fine: the name is checked,
+    not where it resolves.
+    """
+    if not isinstance(name, str):
+        return f"a {type(name).__name__} ({_short(name)})"
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return f"{name!r}, a path outside the checkpoint directory or no name" if name else \
+            "an empty name"
+    return None
+
+
 def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     bits = DTYPES[dtype][1]
     return (math.prod(shape) * bits + 7) // 8
@@ -125,18 +151,29 @@ def read_header(path: Path) -> ShardHeader:
         raise CheckpointError(f"{name}: expected a JSON object header, found "
                               f"{type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{name}: __metadata__: expected an object of strings, found "
+                              f"{_short(metadata)}")
     data_start = 8 + n
     data_size = size - data_start
     entries: list[TensorInfo] = []
     for tname, e in header.items():
-        try:
-            dtype, (b, end) = e["dtype"], e["data_offsets"]
-            shape = tuple(int(d) for d in e["shape"])
-        except (KeyError, TypeError, ValueError):
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
             raise CheckpointError(f"{name}: {tname}: expected dtype, shape and data_offsets, "
-                                  f"found {e!r}") from None
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{name}: {tname}: expected a safetensors dtype, found {dtype!r}")
+                                  f"found {_short(e)}")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(f"{name}: {tname}: expected a safetensors dtype, found "
+                                  f"{_short(dtype)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{name}: {tname}: shape: expected a list of non-negative "
+                                  f"integers, found {_short(shape)}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or \
+                not all(_is_count(o) for o in offsets):
+            raise CheckpointError(f"{name}: {tname}: data_offsets: expected two non-negative "
+                                  f"integers [begin, end], found {_short(offsets)}")
+        shape = tuple(shape)
+        b, end = offsets
         want = expected_nbytes(dtype, shape)
         if end - b != want or b < 0:
             raise CheckpointError(f"{name}: {tname}: expected {want} bytes for {dtype} "
@@ -183,10 +220,41 @@ class Checkpoint:
             if not p.is_file():
                 return None
             try:
-                self.extra_json[name] = json.loads(p.read_text(encoding="utf-8"))
+                content = json.loads(p.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{name}: expected valid JSON, found {e}") from None
+            if not isinstance(content, dict):
+                raise CheckpointError(f"{name}: expected a JSON object, found "
+                                      f"{type(content).__name__}")
+            check_quant_section(content.get("quantization"), name, "quantization")
+            self.extra_json[name] = content
         return self.extra_json[name]
+
+
+# Lists of module names (fnmatch patterns) in a quantization config; each must be strings.
+_NAME_LISTS = ("ignore", "exclude_modules", "ignored_layers", "modules_to_not_convert")
+
+
+def check_quant_section(q: object, file: str, key: str) -> None:
+    """The quantization section of config.json or hf_quant_config.json, typed as the tools
+    read it: an object whose name lists are lists of strings (``ignore`` may be one string)
+    and whose ``quantized_layers`` is an object or a list of strings."""
+    if q is None:
+        return
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{file}: {key}: expected an object, found {_short(q)}")
+    for k in _NAME_LISTS:
+        v = q.get(k)
+        if v is None or isinstance(v, str):
+            continue
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise CheckpointError(f"{file}: {key}.{k}: expected a list of module names "
+                                  f"(strings), found {_short(v)}")
+    ql = q.get("quantized_layers")
+    if ql is not None and not isinstance(ql, dict) and not (
+            isinstance(ql, list) and all(isinstance(x, str) for x in ql)):
+        raise CheckpointError(f"{file}: {key}.quantized_layers: expected an object or a list "
+                              f"of module names, found {_short(ql)}")
 
 
 def load_config(root: Path) -> dict:
@@ -201,6 +269,7 @@ def load_config(root: Path) -> dict:
     if not isinstance(cfg, dict):
         raise CheckpointError("config.json: expected a JSON object, found "
                               f"{type(cfg).__name__}")
+    check_quant_section(cfg.get("quantization_config"), "config.json", "quantization_config")
     return cfg
 
 
@@ -219,6 +288,11 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise CheckpointError(f"{INDEX_NAME}: expected JSON with a weight_map, found {e}"
                                   ) from None
+        for tname, fname in index["weight_map"].items():
+            why = shard_name_problem(fname)
+            if why is not None:
+                raise CheckpointError(f"{INDEX_NAME}: weight_map[{tname!r}]: expected the file "
+                                      f"name of a shard in the checkpoint directory, found {why}")
         files = sorted(set(index["weight_map"].values()))
     else:
         files = sorted(p.name for p in root.glob("*.safetensors"))

@@ -379,8 +379,10 @@ def values(ck: Checkpoint, layout: Layout, states: list[ModuleState], progress: 
                     out += [_finding(s.tensors[part], p) for p in checks.finite(t)]
             if s.storage is Storage.NVFP4:
                 info = s.tensors["weight_scale"]
-                out += [_finding(info, p) for p in checks.nvfp4_values(
-                    ts["weight"], ts["weight_scale"], ts["weight_scale_2"], ts["input_scale"])]
+                # a global scale's finding names that tensor, the rest the block scales
+                out += [_finding(s.tensors.get(p[0].removeprefix("scale."), info), p)
+                        for p in checks.nvfp4_values(ts["weight"], ts["weight_scale"],
+                                                     ts["weight_scale_2"], ts["input_scale"])]
                 ws2 = ts["weight_scale_2"].float().reshape(()).numpy().tobytes()
                 key = (layer_of(s.module.name), ws2)
                 wsb = ts["weight_scale"].view(torch.uint8)
