@@ -80,7 +80,9 @@ push: ## Push [REGISTRY/]IMAGE:TAG (`make build push REGISTRY=...`); records it 
 COMPOSE ?= $(DOCKER) compose
 
 .PHONY: up down logs ps verify
+PLACEHOLDER_API_KEY := change-me
 up: ## Start the server in the background (docker compose up -d); wait with `make ps`
+	@test "$(strip $(VLLM_API_KEY))" != "$(PLACEHOLDER_API_KEY)" || { echo "make up: VLLM_API_KEY is the .env.example placeholder ($(PLACEHOLDER_API_KEY)); set a secret key in .env" >&2; exit 2; }
 	DSV4_IMAGE=$(DSV4_IMAGE) $(COMPOSE) up -d
 
 # The checkpoint linter with nothing but Docker: the image's own dsv4-nvfp4, the

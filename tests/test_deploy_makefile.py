@@ -104,13 +104,37 @@ def test_push_without_registry_stops_with_one_line():
     assert "docker push" not in result.stdout
 
 
+def up_command(*args: str, cwd: Path) -> str:
+    """The compose line `make -n up` would run (after its placeholder-key guard)."""
+    return make("-n", "up", *args, cwd=cwd).stdout.strip().splitlines()[-1]
+
+
 def test_up_runs_the_image_env_names_unless_told_otherwise(node: Path):
-    assert make("-n", "up", cwd=node).stdout.strip() == (
+    assert up_command(cwd=node) == (
         "DSV4_IMAGE=dsv4-nvfp4:latest docker compose up -d")  # .env.example's value
-    up = make("-n", "up", "DSV4_IMAGE=other/image:1", cwd=node).stdout.strip()
+    up = up_command("DSV4_IMAGE=other/image:1", cwd=node)
     assert up == "DSV4_IMAGE=other/image:1 docker compose up -d"
     (node / ".env").unlink()  # no .env: compose.yaml's own default
-    assert make("-n", "up", cwd=node).stdout.startswith("DSV4_IMAGE=dsv4-nvfp4:latest ")
+    assert up_command(cwd=node).startswith("DSV4_IMAGE=dsv4-nvfp4:latest ")
+
+
+def test_up_refuses_the_placeholder_api_key_in_one_line(node: Path):
+    """`make up` really runs here (COMPOSE=true stands in for docker compose)."""
+    from dsv4_nvfp4.serving.serve import PLACEHOLDER_API_KEYS
+
+    assert "VLLM_API_KEY=change-me" in (node / ".env").read_text().splitlines()
+    assert "change-me" in PLACEHOLDER_API_KEYS  # the same placeholder `serve` refuses
+    result = make("up", "COMPOSE=true", cwd=node)
+    assert result.returncode == 2
+    ours, *make_own = result.stderr.splitlines()
+    assert ours == ("make up: VLLM_API_KEY is the .env.example placeholder (change-me); "
+                    "set a secret key in .env")
+    assert len(make_own) == 1 and re.fullmatch(r"make: \*\*\* \[Makefile:\d+: up\] Error 2",
+                                               make_own[0])  # make's own trailer
+    env = node / ".env"
+    env.write_text(env.read_text().replace("VLLM_API_KEY=change-me", "VLLM_API_KEY=s3cret-k3y"))
+    result = make("up", "COMPOSE=true", cwd=node)
+    assert result.returncode == 0, result.stderr
 
 
 def test_push_records_the_pushed_ref_in_env_for_up_verify_and_compose(node: Path):
@@ -132,7 +156,7 @@ def test_push_records_the_pushed_ref_in_env_for_up_verify_and_compose(node: Path
     assert after.index(f"DSV4_IMAGE={ref}") == before.index("DSV4_IMAGE=dsv4-nvfp4:latest")
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
 
-    assert make("-n", "up", cwd=node).stdout.strip() == f"DSV4_IMAGE={ref} docker compose up -d"
+    assert up_command(cwd=node) == f"DSV4_IMAGE={ref} docker compose up -d"
     model = node / "model"
     model.mkdir()
     verify = make("-n", "verify", f"MODEL_DIR={model}", cwd=node).stdout.splitlines()[-1]
