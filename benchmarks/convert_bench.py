@@ -2,7 +2,7 @@
 
 Compares the converter's throughput with a plain safetensors read + write of the
 same shards (``load_file`` + ``save_file``, shard by shard) in the same run, and
-reports each one's peak RSS (``wait4`` on its own process). Goals (issue 3):
+reports each one's peak RSS (``wait4`` on its own process). Goals:
 converter ≥ 0.8× the plain copy, RSS ≤ 2 GB + the largest tensor.
 
 The synthetic checkpoint uses DeepSeek V4 Pro's shapes (hidden 7168,

@@ -21,7 +21,7 @@
 #    file and pyproject.toml); a rerun with the same inputs returns at once.
 #    VENV034=DIR builds elsewhere (default .venv034).
 #
-# Measured on the 2-core CI machine (vLLM 0.34.0, torch 2.14.0+cu130): 136 s
+# Measured on a 2-core CPU runner (vLLM 0.34.0, torch 2.14.0+cu130): 136 s
 # from an empty pip cache, 6.4 GB (torch with its nvidia-* wheels ~4.4 GB of
 # it, triton 0.9 GB, vllm 0.5 GB); a rerun after an edit of an input ~25 s; an
 # up-to-date rerun 0 s.

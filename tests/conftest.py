@@ -27,7 +27,7 @@ TINY_SERVED_NAME = "dsv4-tiny"
 
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on the 2-core CI machine."""
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a 2-core CPU runner."""
     import torch
 
     n = torch.get_num_threads()

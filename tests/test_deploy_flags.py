@@ -9,7 +9,7 @@ JSON key or backend name that only 0.34.0 knows, so 0.32.0 parses the WHOLE
 command here, nothing dropped; a 0.34.0-only flag added later fails here until
 this file drops it by name and says why.
 
-Why: a flag renamed or removed in vLLM (the seed's `use_fp4_indexer_cache`
+Why: a flag renamed or removed in vLLM (the old `use_fp4_indexer_cache`
 was) must fail CI, not the 90-minute start on the B200 node. The flags are
 READ from compose.yaml through `dsv4_nvfp4.deploy.compose` — the same reader
 `dsv4-nvfp4 serve` and the demo use — never copied here.

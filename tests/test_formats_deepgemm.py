@@ -42,7 +42,7 @@ def test_sf_word_byte_order():
 
 
 def test_eight_scale_bytes_fill_two_words_without_a_shift_by_32():
-    """Regression: the earlier attempt shifted byte 4 by 32 bits (poison / wrap)."""
+    """Regression: shifting byte 4 by 32 bits (poison / wrap) must be impossible."""
     b = torch.arange(1, 9, dtype=torch.uint8).reshape(1, 8)
     words = pack_sf_bytes_to_int32(b)
     assert [int(w) & 0xFFFFFFFF for w in words[0]] == [0x04030201, 0x08070605]

@@ -139,7 +139,7 @@ def test_pack_unpack_round_trip(raw):
 
 
 def test_output_is_packed_not_one_byte_per_value():
-    """Regression: the earlier attempt wrote unpacked codes into a packed buffer."""
+    """Regression: unpacked codes written into a packed buffer."""
     x = torch.randn(4, 64)
     packed = pack_e2m1(e2m1_encode(x))
     assert packed.shape == (4, 32) and packed.dtype == torch.uint8

@@ -114,7 +114,7 @@ def test_dequant_error_is_within_one_step_of_the_block_scale(rows, kblocks, mag,
 
 
 def test_folding_the_global_scale_into_block_scales_underflows():
-    """Regression: the earlier attempt stored e4m3(ws·ws2) and lost whole blocks."""
+    """Regression: storing e4m3(ws·ws2) loses whole blocks."""
     # small-magnitude weights (std 1e-3): block_amax/6 < 2^-9, E4M3's smallest subnormal
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * 1e-3
     t = quantize_nvfp4_weight(w)

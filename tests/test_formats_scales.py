@@ -91,7 +91,7 @@ def test_ue8m0_round_up_rule(amax, elem_max, k):
 
 
 def test_e4m3_bytes_decoded_as_ue8m0_are_detectably_wrong():
-    """Regression: the earlier attempt decoded UE4M3 block scales as UE8M0."""
+    """Regression: UE4M3 block scales decoded as UE8M0."""
     e4m3 = encode_ue4m3(torch.tensor([448.0, 1.0, 52.0]))
     right = decode_ue4m3(e4m3)
     wrong = decode_ue8m0(e4m3.view(torch.uint8))

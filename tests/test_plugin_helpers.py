@@ -15,7 +15,7 @@ LAYOUT_B_EXCLUDE = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
 
 
 def layout_b_quant_config(**overrides: Any) -> dict[str, Any]:
-    """``quantization_config`` of a layout-B checkpoint (issue 3; as NVIDIA's V4-Pro-NVFP4)."""
+    """``quantization_config`` of a layout-B checkpoint (as NVIDIA's V4-Pro-NVFP4)."""
     cfg: dict[str, Any] = {
         "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
         "scale_fmt": "ue8m0", "weight_block_size": [128, 128], "moe_quant_algo": "NVFP4",

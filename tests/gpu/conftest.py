@@ -1,4 +1,4 @@
-"""GPU tier (H100 device machine): skip without CUDA; collect numbers into one JSON report.
+"""GPU tier (an H100 or H200): skip without CUDA; collect numbers into one JSON report.
 
 Run there with ``PYTHONPATH=src python3 -m pytest tests/gpu -m h100``; set
 ``DSV4_GPU_REPORT=/path/report.json`` to keep the mismatch counts and tie

@@ -170,7 +170,7 @@ def test_cpu_kernel_matches_modelopt_cuda() -> None:
 
     ModelOpt's Triton kernel multiplies by a reciprocal where the reference
     divides, so a value within an ulp of a rounding boundary may land on the
-    other neighbour (research note nvfp4_format.md, "Bit-exactness"). Every
+    other neighbour. Every
     differing element must be such a tie, off by exactly one code.
     """
     import modelopt.torch.quantization.tensor_quant as tq

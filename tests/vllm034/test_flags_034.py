@@ -167,7 +167,7 @@ def test_an_unknown_moe_backend_fails(vllm_api, tiny_dsv4_dir: Path):
 
 
 def test_an_unknown_attention_key_fails(vllm_api, tiny_dsv4_dir: Path):
-    """The JSON keys are checked too: the seed's `use_fp4_indexer_cache` is long gone."""
+    """The JSON keys are checked too: the old `use_fp4_indexer_cache` is long gone."""
     old = dc.with_overrides(compose_flags(), {"--attention-config":
                                               '{"use_fp4_indexer_cache": true}'})
     with pytest.raises(SystemExit) as excinfo:

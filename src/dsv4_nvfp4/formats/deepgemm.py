@@ -17,8 +17,8 @@ Layouts:
 
 * **SF word** — four one-byte scales (UE4M3 for NVFP4, UE8M0 for MX) in one
   int32 along K: byte ``i`` of word ``j`` is group ``4j+i`` (little-endian).
-  Packing is a byte view, so no shift by ≥ 32 can exist (the earlier attempt
-  shifted an int32 by 32 to place bytes 4..7).
+  Packing is a byte view, so no shift by ≥ 32 can exist (shifting an int32 by
+  32 to place bytes 4..7 is undefined behaviour, a known way to corrupt scales).
 * **MN-major, TMA-aligned** — SF ``[..., MN, W]`` with ``stride(-2) == 1`` and
   ``stride(-1) == align(MN, 4)`` (16-byte TMA rows of int32; vLLM allocates
   ``stride(-1) == MN``, the same wherever ``MN % 4 == 0``, as at DeepSeek V4 shapes).

@@ -10,7 +10,7 @@ Weights are quantized exactly as NVIDIA ModelOpt's ``NVFP4QTensor`` does
 
 The global scale is never folded into the E4M3 block scales: with a small ws2
 (≈1e-4 for real weights) the product underflows E4M3's 2⁻⁹ floor and whole
-blocks dequantize to zero (the earlier attempt's bug).
+blocks dequantize to zero (a known NVFP4 serving bug).
 
 Activations have two conventions (see :func:`quantize_nvfp4_activation_static`
 and :func:`quantize_nvfp4_activation_per_token`).

@@ -3,7 +3,7 @@
 The two are both one byte and their byte ranges overlap on real weights, so a
 scale's format is decided by metadata (dtype + tensor name + shape), never by
 its bytes. Decoding a UE4M3 byte as UE8M0 (``2**(b-127)``, or ``b << 23`` as
-float bits) was one of the earlier attempt's bugs: a 448 scale (0x7E) becomes
+float bits) is a known NVFP4 serving bug: a 448 scale (0x7E) becomes
 0.5.
 
 UE4M3 encode clamps to 448 **before** the cast: torch ≥ 2.12 saturates

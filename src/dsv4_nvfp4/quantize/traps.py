@@ -1,7 +1,7 @@
 """The known traps of quantizing transformers' DeepseekV4ForCausalLM with ModelOpt.
 
-Each function handles one trap found on a real run (research note
-``modelopt_tiny_dsv4.md``; ModelOpt 0.45/0.47, transformers 5.17/5.19) and
+Each function handles one trap found on a real run (ModelOpt 0.45/0.47,
+transformers 5.17/5.19) and
 says what it did, so the runner can report it. Tests in
 ``tests/test_quantize_traps.py`` first show each trap happening, then show
 the handling removing it.
