@@ -200,3 +200,12 @@ def test_block_scale_division_is_exact_for_every_fp32_and_e4m3_scale(report) -> 
     n = _mismatches(True, b)
     report["markstein v/SF mismatches (2**23 x 8)"] = n
     assert n == 0
+
+
+@pytest.mark.parametrize("t,split", [(515, True), (7, False), (1, False)])
+def test_both_launch_forms_give_the_same_bytes(t: int, split: bool, vllm) -> None:
+    """Rows split over programs (the default up to 32 tokens) and whole rows per program."""
+    a = call_args(t)
+    theirs = stage(vllm.load().prepare_megamoe_nvfp4_inputs, a)
+    ours = stage(stage_megamoe_nvfp4_inputs, a, split=split)
+    assert {k: differing_bytes(ours[k], theirs[k]) for k in OUTPUTS} == dict.fromkeys(OUTPUTS, 0)

@@ -283,10 +283,10 @@ def _megamoe_nvfp4_split_kernel(
 
 # --------------------------------------------------------------------------- host side
 
-#: GPU tiles by token count, from ``benchmarks/vllm_staging_bench.py --sweep`` on an H200
-#: (docs/kernels.md): (smallest T, rows per program, warps per program) for H = 7168,
-#: the first entry whose T the batch reaches.
-GPU_MEGAMOE_TILES = ((1024, 1, 2), (128, 1, 4), (0, 1, 8))
+#: GPU tiles by token count, the fastest of ``benchmarks/vllm_staging_bench.py --sweep`` on
+#: an H200 at H = 7168 (docs/kernels.md): (smallest T, rows per program, warps per program),
+#: the first entry whose T the batch reaches (up to 32 tokens: warps of the split launch).
+GPU_MEGAMOE_TILES = ((4096, 1, 2), (33, 1, 4), (0, 1, 8))
 #: Up to this many tokens the GPU launch splits each row over its tiles (one program
 #: per token and tile, vLLM's own small-batch grid).
 GPU_SPLIT_MAX_TOKENS = 32
