@@ -69,13 +69,14 @@ def test_vllm_loader_discovers_and_runs_register_once() -> None:
     # vLLM's loader ran our register(): everything is registered ...
     assert lines["registered"] == ("model:DeepseekV4ForCausalLM,model:DeepSeekV4MTPModel,"
                                    "quant_config:deepseek_v4_fp8,config_parser:hf,"
-                                   "patch:cpu_tile_scheduler_keys")
+                                   "patch:cpu_tile_scheduler_keys,patch:megamoe_nvfp4_staging")
     # ... repeated calls did the work exactly once, agree, and logged one line
     assert lines["calls"] == "1 True"
     assert lines["lines"] == "1"
     assert lines["line"] == ("dsv4_nvfp4 plugin registered: model:DeepseekV4ForCausalLM, "
                              "model:DeepSeekV4MTPModel, quant_config:deepseek_v4_fp8, "
-                             "config_parser:hf, patch:cpu_tile_scheduler_keys")
+                             "config_parser:hf, patch:cpu_tile_scheduler_keys, "
+                             "patch:megamoe_nvfp4_staging")
     # vLLM's "hf" config parser is ours (it hands every non-layout-C config to vLLM's)
     assert lines["parser"] == "parser_class.<locals>.Dsv4Nvfp4ConfigParser"
     # the model class is registered lazily (module:Class), not imported at plugin load

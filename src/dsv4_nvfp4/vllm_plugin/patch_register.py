@@ -199,5 +199,6 @@ def all_scoped() -> tuple[ScopedSubstitution, ...]:
 def all_patches() -> tuple[Patch, ...]:
     """Every patch the plugin knows, in application order."""
     from dsv4_nvfp4.vllm_plugin.cpu_fixes import CPU_TILE_SCHEDULER_PATCH
+    from dsv4_nvfp4.vllm_plugin.staging_patch import MEGAMOE_STAGING_PATCH
 
-    return (CPU_TILE_SCHEDULER_PATCH,)
+    return (CPU_TILE_SCHEDULER_PATCH, MEGAMOE_STAGING_PATCH)
