@@ -5,17 +5,26 @@ size (H = 7168, top-k 6):
 
 * ``vllm``: ``prepare_megamoe_nvfp4_inputs`` from the pinned wheel's
   ``prepare_megamoe.py`` (``tests/gpu/vllm_staging.py`` loads it from
-  ``.cache/``; fetch it with ``scripts/fetch_vllm_source.py``), as vLLM calls it
-  for a layer without EPLB, padding mask, fused shared expert or ``l2_alpha``;
-* ``ours``: ``dsv4_nvfp4.kernels.stage_nvfp4_activations_per_token``;
+  ``.cache/``; fetch it with ``scripts/fetch_vllm_source.py``), as
+  ``DeepGemmMegaMoEExperts.forward`` calls it for a layer without EPLB, padding
+  mask or fused shared expert: with ``w2_global_scale`` and ``l2_alpha`` of 48 local
+  experts;
+* ``compat``: ``dsv4_nvfp4.kernels.stage_megamoe_nvfp4_inputs``, our drop-in for
+  vLLM's function (the same arguments, byte-identical outputs), called exactly as
+  ``vllm``;
+* ``ours``: ``dsv4_nvfp4.kernels.stage_nvfp4_activations_per_token`` (``formats``'
+  per-token arithmetic, activations only);
 * ``copy``: ``dst.copy_(src)`` moving the same number of bytes (half read, half
   written).
 
 Bytes are the activation staging's: the bf16 input read once and the packed
 E2M1 codes, E4M3 scale words and fp32 token scales written once,
-``T * (2H + H/2 + H/16 + 4)``, the same for both kernels. vLLM's launch also
-copies the top-k routing (``T * 6 * (4 + 4)`` bytes read, ``T * 6 * (8 + 4)``
-written, 0.65 % more); its GB/s column does not count them.
+``T * (2H + H/2 + H/16 + 4)``, the same for every kernel. ``vllm`` and ``compat``
+also copy the top-k routing (``T * 6 * (4 + 4)`` bytes read, ``T * 6 * (8 + 4)``
+written, 0.65 % more); their GB/s columns do not count them.
+
+``--sweep``: also times ``compat`` with each tile of ``SWEEP_TILES`` at every T (the
+source of ``kernels.megamoe_staging.GPU_MEGAMOE_TILES``).
 
 GPU time: CUDA-graph replays of ``--reps`` back-to-back launches, events around
 each replay, median of ``--iters`` replays (``kernels_bench.graph_ms``); the three
@@ -51,11 +60,19 @@ sys.path.insert(0, str(REPO / "tests" / "gpu"))
 import vllm_staging  # noqa: E402
 from kernels_bench import graph_ms  # noqa: E402
 
-from dsv4_nvfp4.kernels import stage_nvfp4_activations_per_token  # noqa: E402
+from dsv4_nvfp4.kernels import (  # noqa: E402
+    TileConfig,
+    stage_megamoe_nvfp4_inputs,
+    stage_nvfp4_activations_per_token,
+)
+from dsv4_nvfp4.kernels.megamoe_staging import megamoe_tile  # noqa: E402
 
 HIDDEN = 7168
 TOP_K = 6
-TOKENS = [1, 64, 256, 512, 2048, 8192, 16384]
+TOKENS = [1, 16, 64, 256, 512, 2048, 4096, 8192, 16384]
+NUM_LOCAL_EXPERTS = 48
+SWEEP_TILES = [TileConfig(rows=r, block=1024, num_warps=w)
+               for r, w in ((1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (2, 8))]
 
 
 def activation_bytes(t: int, h: int) -> int:
@@ -103,6 +120,14 @@ def buffer_sets(t: int, h: int, n: int) -> list[dict[str, torch.Tensor]]:
                          torch.empty(t, dtype=torch.float32, device="cuda"),
                          torch.empty(t, TOP_K, dtype=torch.int64, device="cuda"),
                          torch.empty(t, TOP_K, dtype=torch.float32, device="cuda")),
+            "compat_out": (torch.empty(t, h // 2, dtype=torch.uint8, device="cuda"),
+                           torch.empty(t, h // 64, dtype=torch.int32, device="cuda"),
+                           torch.empty(t, dtype=torch.float32, device="cuda"),
+                           torch.empty(t, TOP_K, dtype=torch.int64, device="cuda"),
+                           torch.empty(t, TOP_K, dtype=torch.float32, device="cuda")),
+            "w2gs": torch.rand(NUM_LOCAL_EXPERTS, generator=g, device="cuda"),
+            "l2a": torch.empty(NUM_LOCAL_EXPERTS, device="cuda"),
+            "l2a_c": torch.empty(NUM_LOCAL_EXPERTS, device="cuda"),
             "ours_out": (torch.empty(t, h // 2, dtype=torch.uint8, device="cuda"),
                          torch.empty(t, h // 64, dtype=torch.int32, device="cuda"),
                          torch.empty(t, dtype=torch.float32, device="cuda")),
@@ -118,35 +143,62 @@ def cycling(sets: list[dict[str, torch.Tensor]], call) -> Callable[[], object]:
     return lambda: call(next(order))
 
 
-def measure(t: int, h: int, iters: int, reps: int, rounds: int, l2_bytes: int) -> dict:
+def _vllm_call(b: dict) -> None:
+    vllm_staging.load().prepare_megamoe_nvfp4_inputs(
+        b["x"], b["w"], b["ids"], *b["vllm_out"], w2_global_scale=b["w2gs"], l2_alpha=b["l2a"],
+        l2_activation_scale=0.5)
+
+
+def _compat_call(b: dict, cfg: TileConfig | None = None, split: bool | None = None) -> None:
+    stage_megamoe_nvfp4_inputs(b["x"], b["w"], b["ids"], *b["compat_out"],
+                               w2_global_scale=b["w2gs"], l2_alpha=b["l2a_c"],
+                               l2_activation_scale=0.5, config=cfg, split=split)
+
+
+def measure(t: int, h: int, iters: int, reps: int, rounds: int, l2_bytes: int,
+            sweep: bool = False) -> dict:
     """Each kernel timed on one buffer set (``hot``: inputs and outputs stay in L2 when they
     fit) and cycling through enough sets that one graph replay touches at least 4x the L2
     (``rotating``, at most ``reps`` sets)."""
     nbytes = activation_bytes(t, h)
     n_rot = min(reps, max(1, math.ceil(4 * l2_bytes / nbytes)))
+    dev = torch.device("cuda")
     out: dict = {"T": t, "H": h, "bytes": nbytes, "vllm_routing_bytes": routing_bytes(t, TOP_K),
-                 "vllm_launch": vllm_launch(t, h), "rotating_sets": n_rot,
-                 "rotating_working_set_bytes": nbytes * n_rot}
+                 "vllm_launch": vllm_launch(t, h),
+                 "compat_tile": str(megamoe_tile(t, h, device=dev)),
+                 "rotating_sets": n_rot, "rotating_working_set_bytes": nbytes * n_rot}
     for mode, n in (("hot", 1), ("rotating", n_rot)):
         sets = buffer_sets(t, h, n)
         fns = {
             "copy": cycling(sets, lambda b: b["dst"].copy_(b["src"])),
-            "vllm": cycling(sets, lambda b: vllm_staging.stage(b["x"], b["ids"], b["w"],
-                                                               *b["vllm_out"])),
+            "vllm": cycling(sets, _vllm_call),
+            "compat": cycling(sets, _compat_call),
             "ours": cycling(sets, lambda b: stage_nvfp4_activations_per_token(
                 b["x"], *b["ours_out"])),
         }
+        if sweep and mode == "rotating":
+            for cfg in SWEEP_TILES:
+                fns[f"compat r{cfg.rows}w{cfg.num_warps}"] = cycling(
+                    sets, lambda b, c=cfg: _compat_call(b, c, False))
+            if t <= 256:
+                for w in (2, 4, 8):
+                    cfg = TileConfig(rows=1, block=1024, num_warps=w)
+                    fns[f"compat split-w{w}"] = cycling(
+                        sets, lambda b, c=cfg: _compat_call(b, c, True))
         ms: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(rounds):
             for k, fn in fns.items():
                 ms[k].append(graph_ms(fn, iters, reps))
         med = {k: statistics.median(v) for k, v in ms.items()}
         copy_bytes = 2 * sets[0]["src"].numel()
-        gbps = {"copy": copy_bytes / med["copy"] / 1e6,
-                "vllm": nbytes / med["vllm"] / 1e6, "ours": nbytes / med["ours"] / 1e6}
+        gbps = {k: nbytes / v / 1e6 for k, v in med.items()}
+        gbps["copy"] = copy_bytes / med["copy"] / 1e6
         out[mode] = {"median_ms": med, "rounds_ms": ms, "GB/s": gbps, "copy_bytes": copy_bytes,
+                     "ratio_to_copy": {k: v / gbps["copy"] for k, v in gbps.items()},
                      "ratio_vllm_to_copy": gbps["vllm"] / gbps["copy"],
+                     "ratio_compat_to_copy": gbps["compat"] / gbps["copy"],
                      "ratio_ours_to_copy": gbps["ours"] / gbps["copy"],
+                     "vllm_time_over_compat": med["vllm"] / med["compat"],
                      "vllm_time_over_ours": med["vllm"] / med["ours"]}
         del sets, fns
         torch.cuda.empty_cache()
@@ -160,12 +212,13 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=30, help="timed graph replays (median)")
     ap.add_argument("--reps", type=int, default=20, help="launches per graph")
     ap.add_argument("--rounds", type=int, default=3, help="copy/vllm/ours rounds (median)")
+    ap.add_argument("--sweep", action="store_true", help="also time compat's tiles")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     vllm_staging.load()
     props = torch.cuda.get_device_properties(0)
     l2 = int(getattr(props, "L2_cache_size", 0)) or 60 * 2**20
-    results = [measure(t, a.hidden, a.iters, a.reps, a.rounds, l2) for t in a.tokens]
+    results = [measure(t, a.hidden, a.iters, a.reps, a.rounds, l2, a.sweep) for t in a.tokens]
     info = {"machine": machine(), "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "l2_bytes": l2,
@@ -177,16 +230,21 @@ def main() -> int:
             "replay touches >= 4x the L2 (at most one set per launch)",
             "results": results}
     print(f"{info['machine']}; torch {info['torch']}; triton {info['triton']}; L2 {l2 >> 20} MiB")
-    print(f"{'T':>6} {'mode':>8} {'sets':>4} {'copy GB/s':>10} {'vllm GB/s':>10} {'ours GB/s':>10}"
-          f" {'vllm/copy':>10} {'ours/copy':>10} {'vllm ms':>9} {'ours ms':>9}")
+    print(f"{'T':>6} {'mode':>8} {'sets':>4} {'copy GB/s':>10} {'vllm':>7} {'compat':>7} "
+          f"{'ours':>7} {'vllm ms':>9} {'compat ms':>9} {'ours ms':>9}  (kernel/copy ratios)")
     for r in results:
         for mode in ("hot", "rotating"):
             m = r[mode]
+            q = m["ratio_to_copy"]
             sets = 1 if mode == "hot" else r["rotating_sets"]
-            print(f"{r['T']:>6} {mode:>8} {sets:>4} {m['GB/s']['copy']:10.1f} "
-                  f"{m['GB/s']['vllm']:10.1f} {m['GB/s']['ours']:10.1f} "
-                  f"{m['ratio_vllm_to_copy']:10.3f} {m['ratio_ours_to_copy']:10.3f} "
-                  f"{m['median_ms']['vllm']:9.4f} {m['median_ms']['ours']:9.4f}")
+            print(f"{r['T']:>6} {mode:>8} {sets:>4} {m['GB/s']['copy']:10.1f} {q['vllm']:7.3f} "
+                  f"{q['compat']:7.3f} {q['ours']:7.3f} {m['median_ms']['vllm']:9.4f} "
+                  f"{m['median_ms']['compat']:9.4f} {m['median_ms']['ours']:9.4f}")
+        tiles = {k: v for k, v in r["rotating"]["ratio_to_copy"].items()
+                 if k.startswith("compat ")}
+        if tiles:
+            print("        sweep:", "  ".join(f"{k[7:]} {v:.3f}" for k, v in tiles.items()),
+                  f"(default {r['compat_tile']})")
     if a.out:
         tmp = a.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=1) + "\n")
