@@ -227,7 +227,7 @@ def test_reciprocal_division_matches_ieee_division() -> None:
 
 
 def test_no_shift_by_32_or_more_in_kernel_sources() -> None:
-    """The earlier attempt shifted an int32 by 32 (LLVM poison); no literal shift may be >= 32."""
+    """A shift of an int32 by 32 or more is LLVM poison: no literal shift may be >= 32."""
     checked = 0
     for path in sorted(KERNEL_DIR.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -13,8 +13,8 @@ E4M3 with RNE and saturation, E4M3 → fp32) use its instructions instead
 (``HW=True``, a few instructions fewer per element); the GPU tests compare
 both forms with ``formats`` over every fp32 input.
 
-All shifts are by constants or clamped amounts below 32 (the earlier attempt
-shifted an int32 by 32, which is poison in LLVM).
+All shifts are by constants or clamped amounts below 32 (a shift of an int32
+by 32 or more is poison in LLVM).
 
 The functions mirror :mod:`dsv4_nvfp4.formats`:
 
