@@ -92,7 +92,7 @@ class StreamReport:
         if err is None:
             return
         self.requantized += 1
-        if self.worst is None or err.rel_l2 > self.worst[1].rel_l2:
+        if self.worst is None or _rank(err) > _rank(self.worst[1]):
             self.worst = (name, err)
 
     def line(self) -> str:
@@ -204,6 +204,11 @@ class LayoutCStream:
             (gate_name, gate), (up_name, up) = pair[1], pair[3]
             check_w13_global_scales(gate_name, gate, up_name, up, self.where)
             del seen[(ep[0], ep[1])]
+
+
+def _rank(err: ConversionError) -> float:
+    """rel_l2, an undefined one (all-zero or non-finite reference) ranking worst."""
+    return err.rel_l2 if err.defined else float("inf")
 
 
 def _parts(parts: Iterable[str]) -> str:
