@@ -58,7 +58,7 @@ def test_c_names_round_trip_and_only_mtp_has_none(which: str) -> None:
             assert names.c_to_deepseek(f"{c}.{suffix}") == f"{m.name}.{suffix}"
 
 
-# The export pattern table of research/modelopt_tiny_dsv4.md (a real ModelOpt 0.45.0 export).
+# Names of a real ModelOpt 0.45.0 export of the tiny model (its export pattern table).
 MODELOPT_EXPORT_NAMES = {
     "layers.1.attn.wq_a": "model.layers.1.self_attn.q_a_proj",
     "layers.1.attn.wq_b": "model.layers.1.self_attn.q_b_proj",

@@ -10,8 +10,9 @@ The first matching row wins.
 Sources for the rows: transformers 5.19 ``conversion_mapping.py`` entry
 ``deepseek_v4`` (the renames ``save_pretrained`` reverts; ModelOpt's export
 keeps the transformers side), plus ModelOpt's per-expert split of the fused
-experts into ``experts.E.{gate,up,down}_proj`` (research note
-``modelopt_tiny_dsv4.md``, export pattern table). ``mtp.*`` has no
+experts into ``experts.E.{gate,up,down}_proj`` (as a real ModelOpt 0.45.0
+export names them; ``tests/test_checkpoint_names.py`` holds that export's
+names). ``mtp.*`` has no
 transformers name: transformers never builds the MTP layer.
 
 Pure functions of names, no I/O.

@@ -7,10 +7,10 @@ exact tensors (name, dtype, shape) a file must hold. ``verify`` compares
 files against this, ``convert`` plans its outputs with it and ``tiny``
 writes it — one description, three users.
 
-Module list and shapes: the DeepSeek-native names of the official checkpoint
-(research notes ``tiny_dsv4_cpu.md`` "Checkpoint layout", ``vllm_deepseek_v4.md``
-§1), mirrored by ``tiny_model.tiny_state_dict``; a test checks the two agree.
-Storage per layout: issue 3 and ``modelopt_tiny_dsv4.md``.
+Module list and shapes: the DeepSeek-native names of the official checkpoint's
+``model.safetensors.index.json`` and vLLM's DeepSeek V4 model, mirrored by
+``tiny_model.tiny_state_dict``; a test checks the two agree. Storage per
+layout: :mod:`.layouts`.
 """
 
 from __future__ import annotations
