@@ -1,5 +1,5 @@
 """The linter: zero findings on every valid checkpoint, and a catalogue of corruptions each
-caught with the right check and message (the earlier attempt's file-level bugs included)."""
+caught with the right check and message (known file-level NVFP4 bugs included)."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ EXP = "layers.1.ffn.experts.2"
 
 
 def _ue8m0_in_e4m3(t: dict[str, torch.Tensor]) -> None:
-    """The earlier attempt's bug: block scales written as UE8M0 exponents where E4M3 belong."""
+    """Known bug: block scales written as UE8M0 exponents where E4M3 belong."""
     ws = t[f"{EXP}.w1.weight_scale"]
     t[f"{EXP}.w1.weight_scale"] = ue8m0_exponent_for_amax(ws.float(), 1.0).view(
         torch.float8_e4m3fn)
@@ -176,7 +176,7 @@ def _unpacked(t: dict[str, torch.Tensor]) -> None:
 
 
 def _folded_global(t: dict[str, torch.Tensor]) -> None:
-    """The earlier attempt's bug: weight_scale_2 folded into the E4M3 block scales."""
+    """Known bug: weight_scale_2 folded into the E4M3 block scales."""
     for w in ("w1", "w3"):
         ws2 = t[f"{EXP}.{w}.weight_scale_2"]
         t[f"{EXP}.{w}.weight_scale"] = (t[f"{EXP}.{w}.weight_scale"].float() * ws2).to(

@@ -673,7 +673,7 @@ def _unchanged(p: Plan, dst: Path, claimed: dict[int, dict], progress: bool) -> 
 LOOKAHEAD_BYTES = 1 << 30
 # Copies stream through a ring of small buffers: each piece is read, written and hashed
 # (sha256 on the writer's helper thread) while it is still in the CPU cache, instead of
-# three passes over a whole tensor in RAM. Measured on the 2-core CI machine, 15 GB C -> B
+# three passes over a whole tensor in RAM. Measured on a 2-core CPU runner, 15 GB C -> B
 # in process: 1 MB x 8 19-20 s, 4 MB x 4 21 s, 16 MB x 4 24-25 s, 256 kB x 16 21-22 s.
 PIECE_BYTES = 1 << 20
 RING = 8
@@ -717,7 +717,7 @@ def dense_threads(default: int) -> int:
 
     Two cores are taken already: the main thread (pread/write) and the sha256
     thread. Intra-op workers beyond the rest spin-wait against them — on the
-    2-core CI machine two threads cost 13-38 s of user time per 15 GB where one
+    a 2-core CPU runner two threads cost 13-38 s of user time per 15 GB where one
     costs 13 s, for the same wall time at best.
     """
     try:

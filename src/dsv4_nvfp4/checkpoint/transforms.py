@@ -47,7 +47,7 @@ class DenseMode(enum.Enum):
 # Rows per step of a dense conversion: ~1 M elements (at least 128 rows), so each fp32
 # temporary of a step is ~4 MB whatever the tensor (V4 Pro's q_b is 65536 x 1536 = 400 MB
 # in fp32): the step's temporaries stay in the 32 MB L3 and the allocator reuses them
-# instead of page-faulting fresh 64 MB buffers. Measured on the 2-core CI machine,
+# instead of page-faulting fresh 64 MB buffers. Measured on a 2-core CPU runner,
 # 8192 x 7168 NVFP4 -> FP8: 1 M elements 0.45 s, 4 M 0.55 s, 16 M 1.4 s (one thread).
 CHUNK_ELEMENTS = 1 << 20
 # On a GPU the limit is kernel launches and host syncs per step, not cache: ~64 M elements
