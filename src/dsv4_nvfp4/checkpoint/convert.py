@@ -716,8 +716,8 @@ def dense_threads(default: int) -> int:
     """torch intra-op threads for the dense conversions while ``execute`` runs.
 
     Two cores are taken already: the main thread (pread/write) and the sha256
-    thread. Intra-op workers beyond the rest spin-wait against them — on the
-    a 2-core CPU runner two threads cost 13-38 s of user time per 15 GB where one
+    thread. Intra-op workers beyond the rest spin-wait against them — on a
+    2-core CPU runner two threads cost 13-38 s of user time per 15 GB where one
     costs 13 s, for the same wall time at best.
     """
     try:
