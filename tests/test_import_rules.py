@@ -1,0 +1,125 @@
+"""The layering of docs/design.md, checked on the source: who may import whom.
+
+Every ``import`` in ``src/dsv4_nvfp4`` (module level and inside functions,
+relative imports resolved) is read with ``ast``; nothing is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cpu
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "src" / "dsv4_nvfp4"
+PROBE = ROOT / "healthcheck" / "healthcheck.py"
+
+#: package → the packages of ours it may import (``versions`` is everyone's).
+ALLOWED_OURS = {
+    "formats": set(),
+    "kernels": {"formats"},
+    "checkpoint": {"formats"},
+    "quantize": {"checkpoint", "formats"},
+    "vllm_plugin": {"checkpoint", "formats", "kernels"},
+    "serving": {"deploy"},
+    "deploy": {"formats"},
+}
+#: package → third-party top-level modules it may import.
+ALLOWED_THIRD = {
+    "formats": {"torch", "numpy"},
+    "kernels": {"torch", "triton"},
+    "checkpoint": {"torch", "numpy", "safetensors", "tqdm", "tokenizers"},
+    "quantize": {"torch", "modelopt", "transformers", "tokenizers", "tqdm", "accelerate"},
+    "vllm_plugin": {"torch", "vllm", "transformers", "huggingface_hub"},
+    "serving": {"httpx", "matplotlib"},
+    "deploy": {"yaml", "torch", "vllm"},
+}
+VLLM_ALLOWED_FILES = {"deploy/doctor.py"}  # the image's self-check of its vLLM install
+
+
+def imports(path: Path, package_root: Path = PKG) -> list[tuple[str, bool]]:
+    """``(absolute module, at module level?)`` for every import in ``path``."""
+    rel = path.relative_to(package_root.parent)
+    package = list(rel.with_suffix("").parts[:-1])
+    tree = ast.parse(path.read_text())
+    top = {id(n) for n in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            out.append((name, id(node) in top))
+    return [(m, t) for m, t in out if m != "__future__"]
+
+
+def package_of(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def test_each_package_imports_only_what_the_design_allows() -> None:
+    bad = []
+    stdlib = set(sys.stdlib_module_names)
+    for path in sorted(PKG.rglob("*.py")):
+        pkg = package_of(path)
+        if pkg not in ALLOWED_OURS:
+            continue  # cli.py, versions.py, __init__.py: the top of the house
+        for module, _ in imports(path):
+            parts = module.split(".")
+            if parts[0] == "dsv4_nvfp4":
+                target = parts[1] if len(parts) > 1 else ""
+                if target not in {pkg, "versions", ""} | ALLOWED_OURS[pkg]:  # "": __version__
+                    bad.append(f"{path.relative_to(PKG)} imports {module}")
+            elif parts[0] not in stdlib and parts[0] not in ALLOWED_THIRD[pkg]:
+                bad.append(f"{path.relative_to(PKG)} imports {module}")
+    assert bad == []
+
+
+def test_vllm_is_imported_only_by_the_plugin_inside_functions_and_by_doctor() -> None:
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = str(path.relative_to(PKG))
+        for module, at_top in imports(path):
+            if module.split(".")[0] != "vllm":
+                continue
+            if rel.startswith("vllm_plugin/"):
+                if at_top:
+                    bad.append(f"{rel}: module-level import of {module}")
+            elif rel not in VLLM_ALLOWED_FILES:
+                bad.append(f"{rel}: imports {module}")
+    assert bad == []
+
+
+def test_http_clients_import_neither_torch_nor_vllm() -> None:
+    for path in sorted((PKG / "serving").rglob("*.py")):
+        found = {m.split(".")[0] for m, _ in imports(path)} & {"torch", "vllm", "triton"}
+        assert not found, f"{path.relative_to(PKG)} imports {sorted(found)}"
+
+
+def test_the_probe_is_standard_library_only() -> None:
+    tree = ast.parse(PROBE.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add((node.module or "").split(".")[0])
+    assert names - {"__future__"} <= set(sys.stdlib_module_names)
+
+
+def test_the_rules_catch_a_violation(tmp_path: Path) -> None:
+    """The reader resolves relative imports, so `from ..checkpoint import x` is seen."""
+    root = tmp_path / "dsv4_nvfp4"
+    fake = root / "formats" / "probe.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("from ..checkpoint import layouts\n\ndef f():\n    import vllm\n")
+    assert imports(fake, root) == [("dsv4_nvfp4.checkpoint", True), ("vllm", False)]
