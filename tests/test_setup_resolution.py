@@ -80,7 +80,7 @@ def test_first_candidate_names_the_cpu_build_on_pytorchs_cpu_index():
     result = bash(f"torch_cpu_candidates {TORCH}", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        f"torch=={TORCH}+cpu --extra-index-url {PYTORCH_CPU_INDEX}",
+        f"torch=={TORCH}+cpu --extra-index-url {PYTORCH_CPU_INDEX} --retries 1 --timeout 10",
         f"torch=={TORCH}",
     ]
     result = bash(f"torch_cpu_candidates {TORCH}", env={**env, "TORCH_CPU_INDEX": ""})
@@ -114,9 +114,8 @@ def test_install_takes_the_cpu_build_and_falls_back_to_the_plain_pin(
     assert f"Would install torch-{available}" in result.stdout
     assert result.stderr.count("torch: pip install torch==") == tries
     # the first try names PyTorch's CPU index (PIP_NO_INDEX switches it off here)
-    assert f"torch: pip install torch=={TORCH}+cpu --extra-index-url {PYTORCH_CPU_INDEX}" in (
-        result.stderr
-    )
+    assert (f"torch: pip install torch=={TORCH}+cpu --extra-index-url {PYTORCH_CPU_INDEX} "
+            "--retries 1 --timeout 10") in result.stderr
 
 
 def test_install_stops_with_one_line_when_no_build_is_found(tmp_path: Path):

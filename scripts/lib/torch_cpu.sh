@@ -19,7 +19,9 @@ TORCH_CPU_INDEX=${TORCH_CPU_INDEX-https://download.pytorch.org/whl/cpu}
 torch_cpu_candidates() {
   local version=$1
   if [ -n "$TORCH_CPU_INDEX" ]; then
-    echo "torch==${version}+cpu --extra-index-url ${TORCH_CPU_INDEX}"
+    # One retry, short timeout: pip asks the extra index for torch AND each of its
+    # dependencies, so an unreachable index costs retries x packages otherwise.
+    echo "torch==${version}+cpu --extra-index-url ${TORCH_CPU_INDEX} --retries 1 --timeout 10"
   else
     echo "torch==${version}+cpu"
   fi
