@@ -21,7 +21,7 @@ import torch
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (tests/gpu runs on the H100 machine)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (tests/gpu runs on an H100 or H200)")
     for item in items:
         if "tests/gpu/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(skip)
@@ -40,3 +40,16 @@ def report() -> Iterator[dict[str, Any]]:
         tmp = Path(path + ".tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
         tmp.replace(path)
+
+
+@pytest.fixture(scope="module")
+def vllm() -> Any:
+    """vLLM 0.34.0's NVFP4 MegaMoE staging kernel (``tests/gpu/vllm_staging.py``); skipped
+    with the fetch command when ``scripts/fetch_vllm_source.py`` has not run."""
+    import vllm_staging
+
+    try:
+        vllm_staging.load()
+    except vllm_staging.VllmSourceMissing as e:
+        pytest.skip(str(e))
+    return vllm_staging

@@ -102,17 +102,6 @@ def differing_bytes(got: torch.Tensor, want: torch.Tensor) -> int:
     return int((g != w).sum())
 
 
-@pytest.fixture(scope="module")
-def vllm():
-    import vllm_staging
-
-    try:
-        vllm_staging.load()
-    except vllm_staging.VllmSourceMissing as e:
-        pytest.skip(str(e))
-    return vllm_staging
-
-
 @pytest.mark.parametrize("t", TOKENS)
 def test_byte_identical_to_vllm(t: int, vllm, report: dict[str, Any]) -> None:
     a = call_args(t)

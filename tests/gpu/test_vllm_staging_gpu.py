@@ -400,17 +400,6 @@ EXPECTED: dict[int, dict[str, int]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def vllm():
-    import vllm_staging
-
-    try:
-        vllm_staging.load()
-    except vllm_staging.VllmSourceMissing as e:
-        pytest.skip(str(e))
-    return vllm_staging
-
-
 @pytest.mark.parametrize("t", TOKENS)
 def test_vllm_staging_vs_formats(t: int, vllm, report: dict[str, Any]) -> None:
     counts = compare(t, vllm.run)
