@@ -187,14 +187,25 @@ def mxfp4_experts_to_nvfp4(parts: list[dict[str, torch.Tensor]],
     return out, lossy
 
 
+def w13_global_scales_agree(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """The gate/up rule: w1 and w3 of one NVFP4 expert carry the same ``weight_scale_2``.
+
+    vLLM fuses them into one GEMM with one global scale (w1's), so a checkpoint
+    whose w3 differs would be served with the wrong scale; ModelOpt's export
+    fuses their amax. The only copy of the rule: ``verify`` reports it as a
+    finding, ``convert`` and the layout-C stream raise through
+    :func:`check_w13_global_scales`.
+    """
+    return torch.equal(gate.reshape(-1).float(), up.reshape(-1).float())
+
+
 def check_w13_global_scales(gate_name: str, gate: torch.Tensor, up_name: str, up: torch.Tensor,
                             where: str) -> None:
-    """Gate (w1) and up (w3) of one NVFP4 expert must share ``weight_scale_2``.
+    """Raise unless gate (w1) and up (w3) of one NVFP4 expert share ``weight_scale_2``.
 
-    vLLM fuses them into one GEMM with one global scale (w1's), so C experts,
-    copied byte-identical, must already agree; ModelOpt's export fuses their amax.
+    C experts, copied byte-identical, must already agree (:func:`w13_global_scales_agree`).
     """
-    if not torch.equal(gate.reshape(-1).float(), up.reshape(-1).float()):
+    if not w13_global_scales_agree(gate, up):
         raise CheckpointError(
             f"{where}: {up_name}: expected the gate_proj's weight_scale_2 "
             f"{float(gate.reshape(-1)[0])!r} (of {gate_name}: vLLM fuses gate/up with one "

@@ -58,9 +58,9 @@ from .layouts import (
 )
 from .names import is_mtp, layer_of, vllm_module
 from .reader import INDEX_NAME, Checkpoint, TensorInfo, TensorReader, open_checkpoint
-from .schema import Module, Role, Storage, TensorSpec, expand, expert_parts, modules
+from .schema import ALL_PARTS, Module, Role, Storage, TensorSpec, expand, expert_parts, modules
+from .transforms import w13_global_scales_agree
 
-SUFFIXES = ("weight", "scale", "weight_scale", "weight_scale_2", "input_scale")
 MAX_LINES_PER_CHECK = 20
 
 
@@ -130,7 +130,7 @@ def _module_findings(ck: Checkpoint, m: Module, base: str, st: Storage,
     if m.bare:
         found = {base} if base in ck.tensors else set()
     else:
-        found = {f"{base}.{s}" for s in SUFFIXES if f"{base}.{s}" in ck.tensors}
+        found = {f"{base}.{s}" for s in ALL_PARTS if f"{base}.{s}" in ck.tensors}
     claimed |= found
     want = {s.name for s in specs}
     if found == want:
@@ -361,7 +361,7 @@ def values(ck: Checkpoint, layout: Layout, states: list[ModuleState], progress: 
     """Value checks of every module whose tensors have the right dtypes and shapes."""
     out: list[Finding] = []
     group_max: dict[tuple[str, bytes], tuple[float, TensorInfo]] = {}
-    w13: dict[tuple[str, int], dict[int, tuple[bytes, TensorInfo]]] = {}
+    w13: dict[tuple[str, int], dict[int, tuple[torch.Tensor, TensorInfo]]] = {}
     order = sorted(states, key=lambda s: min((t.file.name, t.begin) for t in s.tensors.values()))
     bar = None
     if progress:
@@ -392,7 +392,8 @@ def values(ck: Checkpoint, layout: Layout, states: list[ModuleState], progress: 
                         group_max[key] = (mx, info)
                 ep = expert_parts(s.module.name)
                 if ep and ep[2] in (1, 3):
-                    w13.setdefault((ep[0], ep[1]), {})[ep[2]] = (ws2, s.tensors["weight_scale_2"])
+                    w13.setdefault((ep[0], ep[1]), {})[ep[2]] = (ts["weight_scale_2"],
+                                                                s.tensors["weight_scale_2"])
             elif s.storage is Storage.MXFP4:
                 out += [_finding(s.tensors["scale"], p)
                         for p in checks.mxfp4_values(ts["weight"], ts["scale"])]
@@ -404,9 +405,8 @@ def values(ck: Checkpoint, layout: Layout, states: list[ModuleState], progress: 
         out += [_finding(info, p) for p in checks.nvfp4_group_max(
             [torch.tensor([mx]).to(torch.float8_e4m3fn)])]
     for pair in w13.values():
-        if 1 in pair and 3 in pair and pair[1][0] != pair[3][0]:
-            a, b = (torch.frombuffer(bytearray(pair[j][0]), dtype=torch.float32).item()
-                    for j in (1, 3))
+        if 1 in pair and 3 in pair and not w13_global_scales_agree(pair[1][0], pair[3][0]):
+            a, b = (float(pair[j][0].float().reshape(-1)[0]) for j in (1, 3))
             out.append(Finding("scale.w13_mismatch", pair[3][1].file.name, pair[3][1].name,
                                f"equal to w1's weight_scale_2 {a!r} (vLLM's fused w13 GEMM uses "
                                "w1's for both)", f"{b!r}"))
