@@ -39,10 +39,8 @@ from .errors import CheckpointError
 from .layouts import Layout, LayoutContext, detect, storage_for
 from .names import c_to_deepseek
 from .reader import open_checkpoint
-from .schema import Module, Role, expert_parts, role_of, storage_suffixes
+from .schema import NVFP4_PARTS, Module, Role, expert_parts, role_of, storage_suffixes
 from .transforms import DenseMode, c_to_b_module, check_w13_global_scales
-
-PARTS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
 
 
 def split_c_name(name: str, where: str = "checkpoint") -> tuple[str, str, Module]:
@@ -62,8 +60,8 @@ def split_c_name(name: str, where: str = "checkpoint") -> tuple[str, str, Module
     if ds_module is None or mod_role is None or mod_role in (Role.FP32, Role.INDEX):
         raise CheckpointError(f"{where}: {name}: expected a tensor of transformers' "
                               "DeepseekV4ForCausalLM (layout C), found a name no rule maps")
-    if part not in PARTS:
-        raise CheckpointError(f"{where}: {name}: expected one of {', '.join(PARTS)} of "
+    if part not in NVFP4_PARTS:
+        raise CheckpointError(f"{where}: {name}: expected one of {', '.join(NVFP4_PARTS)} of "
                               f"{module}, found part {part!r}")
     return module, part, Module(ds_module, mod_role, ())
 

@@ -25,8 +25,8 @@ from .expert_quant import experts_are_nvfp4
 from .layouts import Layout, LayoutContext, detect, storage_for, stored_name
 from .names import is_mtp
 from .reader import Checkpoint, open_checkpoint
-from .schema import Role, Storage, expand, modules
-from .verify import SUFFIXES, layout_notes
+from .schema import ALL_PARTS, Role, Storage, expand, modules
+from .verify import layout_notes
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _groups(ck: Checkpoint, layout: Layout, d: Dims) -> list[Group]:
         if base is None:
             continue
         found = ({base} & set(ck.tensors)) if m.bare else {
-            f"{base}.{s}" for s in SUFFIXES if f"{base}.{s}" in ck.tensors}
+            f"{base}.{s}" for s in ALL_PARTS if f"{base}.{s}" in ck.tensors}
         if not found:
             continue
         claimed |= found

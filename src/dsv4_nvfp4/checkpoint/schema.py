@@ -182,10 +182,18 @@ def expand(storage: Storage, m: Module, name: str | None = None) -> list[TensorS
     raise ValueError(storage)
 
 
+# The part names: the last component of a tensor name, after its module's name.
+# The only copy; storage_suffixes, verify, inspect and the layout-C stream read them.
+PLAIN_PARTS = ("weight",)
+BLOCK_PARTS = ("weight", "scale")  # FP8 128x128 blocks and MXFP4: one UE8M0 scale tensor
+NVFP4_PARTS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+ALL_PARTS = ("weight", "scale", "weight_scale", "weight_scale_2", "input_scale")
+
+
 def storage_suffixes(storage: Storage) -> tuple[str, ...]:
-    return {Storage.FP8_BLOCK: ("weight", "scale"), Storage.MXFP4: ("weight", "scale"),
-            Storage.NVFP4: ("weight", "weight_scale", "weight_scale_2", "input_scale"),
-            Storage.BF16: ("weight",), Storage.PLAIN: ("weight",)}[storage]
+    return {Storage.FP8_BLOCK: BLOCK_PARTS, Storage.MXFP4: BLOCK_PARTS,
+            Storage.NVFP4: NVFP4_PARTS,
+            Storage.BF16: PLAIN_PARTS, Storage.PLAIN: PLAIN_PARTS}[storage]
 
 
 _EXPERT_RE = re.compile(
