@@ -58,7 +58,6 @@ class Layout(enum.Enum):
 B_EXCLUDE_MODULES = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
 # What layout B's own config says about routed experts (convert writes it this way).
 B_QUANT_RULE = {"moe_quant_algo": "NVFP4", "exclude_modules": B_EXCLUDE_MODULES}
-NVFP4_GROUP_SIZE = 16
 
 
 @dataclass

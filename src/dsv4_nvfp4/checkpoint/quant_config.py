@@ -17,9 +17,10 @@ from __future__ import annotations
 import copy
 
 from dsv4_nvfp4 import __version__
+from dsv4_nvfp4.formats.constants import NVFP4_GROUP
 from dsv4_nvfp4.versions import pin
 
-from .layouts import B_EXCLUDE_MODULES, NVFP4_GROUP_SIZE
+from .layouts import B_EXCLUDE_MODULES
 
 PRODUCER = {"name": "dsv4-nvfp4", "version": __version__}
 
@@ -30,7 +31,7 @@ def a_quantization_config() -> dict:
 
 
 def _nvfp4_groups() -> dict:
-    fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": NVFP4_GROUP_SIZE}
+    fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": NVFP4_GROUP}
     return {"group_0": {"input_activations": dict(fp4), "weights": dict(fp4),
                         "targets": ["Linear"]}}
 
@@ -44,12 +45,12 @@ def b_quantization_config(base: dict | None, quantized: list[str],
         "quant_method": "fp8",
         "moe_quant_algo": "NVFP4",
         "quant_algo": "MIXED_PRECISION",
-        "group_size": NVFP4_GROUP_SIZE,
+        "group_size": NVFP4_GROUP,
         "producer": dict(producer or PRODUCER),
         "config_groups": _nvfp4_groups(),
         "ignore": list(B_EXCLUDE_MODULES),
         "exclude_modules": list(B_EXCLUDE_MODULES),
-        "quantized_layers": {n: {"quant_algo": "NVFP4", "group_size": NVFP4_GROUP_SIZE}
+        "quantized_layers": {n: {"quant_algo": "NVFP4", "group_size": NVFP4_GROUP}
                              for n in quantized},
     })
     qc.setdefault("activation_scheme", "dynamic")
@@ -64,10 +65,10 @@ def b_quantization_config(base: dict | None, quantized: list[str],
 def b_hf_quant_config(quantized: list[str], producer: dict | None = None) -> dict:
     return {"producer": dict(producer or PRODUCER),
             "quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None,
-                             "group_size": NVFP4_GROUP_SIZE,
+                             "group_size": NVFP4_GROUP,
                              "exclude_modules": list(B_EXCLUDE_MODULES),
                              "quantized_layers": {n: {"quant_algo": "NVFP4",
-                                                      "group_size": NVFP4_GROUP_SIZE}
+                                                      "group_size": NVFP4_GROUP}
                                                   for n in quantized}}}
 
 
@@ -83,4 +84,4 @@ def c_quantization_config(exclude: list[str]) -> dict:
 def c_hf_quant_config(exclude: list[str]) -> dict:
     return {"producer": modelopt_producer(),
             "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None,
-                             "group_size": NVFP4_GROUP_SIZE, "exclude_modules": list(exclude)}}
+                             "group_size": NVFP4_GROUP, "exclude_modules": list(exclude)}}

@@ -53,6 +53,7 @@ from .constants import (
     E2M1_SIGN_BIT,
     E4M3_MAX,
     E4M3_MIN_SUBNORMAL,
+    MEGA_MOE_TOKEN_AMAX_FLOOR,
     NVFP4_GLOBAL_DIVISOR,
     NVFP4_GROUP,
 )
@@ -62,9 +63,9 @@ from .errors import expect
 from .nvfp4 import dequantize_nvfp4
 from .scales import as_e4m3, encode_ue4m3
 
-# vLLM 0.34.0 staging: x_scale = max(row_amax, 1e-12) * fp32(1/2688). (The per-token
-# quantizer of formats.nvfp4 floors at 1e-4 and divides; see mega_moe_stage_tokens.)
-MEGA_MOE_TOKEN_AMAX_FLOOR = 1e-12
+# vLLM 0.34.0 staging: x_scale = max(row_amax, MEGA_MOE_TOKEN_AMAX_FLOOR) * fp32(1/2688).
+# (The per-token quantizer of formats.nvfp4 floors at 1e-4 and divides; see
+# mega_moe_stage_tokens.)
 # fp32(1/2688) = 3.7202381e-04 and fp32(1/6) = 0.16666667: the staging multiplies by
 # these rounded reciprocals (Triton constants), it does not divide.
 _RCP_GLOBAL_DIVISOR = 1.0 / NVFP4_GLOBAL_DIVISOR

@@ -59,7 +59,16 @@ from ._bits import (
     pair_to_f32,
 )
 from ._config import TileConfig, check_tile, pow2_divisor, row_fits
-from .staging import _group_amax, _store_chunk
+from .staging import (
+    K_E2M1_MAX,
+    K_E4M3_MAX,
+    K_E4M3_MIN_SUBNORMAL,
+    K_GLOBAL_DIVISOR,
+    K_GROUP,
+    K_MEGA_MOE_TOKEN_AMAX_FLOOR,
+    _group_amax,
+    _store_chunk,
+)
 
 #: vLLM's staging requires the hidden size to be a multiple of this.
 VLLM_H_MULTIPLE = 128
@@ -99,8 +108,8 @@ def _vllm_code(q):
 def _block_scale(bmv, HW: tl.constexpr):
     """SF byte and its fp32 value from ``amax16|v|``: ``e4m3(clamp(bmv · fp32(1/6), 2⁻⁹, 448))``
     (``tl.maximum``/``tl.minimum`` skip NaN, as vLLM's)."""
-    bs = bmv * (1.0 / 6.0)
-    bs = tl.minimum(tl.maximum(bs, 0.001953125), 448.0)
+    bs = bmv * (1.0 / K_E2M1_MAX)
+    bs = tl.minimum(tl.maximum(bs, K_E4M3_MIN_SUBNORMAL), K_E4M3_MAX)
     sf_byte = e4m3_encode(bs, HW)
     return sf_byte, e4m3_to_f32(sf_byte, HW)
 
@@ -184,7 +193,7 @@ def _megamoe_nvfp4_stage_kernel(
     _topk_rows(rows64, rmask1, ids_ptr, w_ptr, pad_ptr, ids_out_ptr, w_out_ptr, ids_sm, ids_sk,
                w_sm, w_sk, pad_sm, ido_sm, ido_sk, wo_sm, wo_sk, TOP_K, BLOCK_TOPK, HAS_PAD)
 
-    G: tl.constexpr = BLOCK_H // 16
+    G: tl.constexpr = BLOCK_H // K_GROUP
     W: tl.constexpr = BLOCK_H // 2
     rmask = rmask1[:, None]
     src = x_ptr + r2 * stride_xw + tl.arange(0, W)[None, :]
@@ -202,7 +211,7 @@ def _megamoe_nvfp4_stage_kernel(
     row_amax = nan_max_reduce(acc, 1, HW)
     finite = (row_amax <= FP32_MAX).to(tl.int32)  # false for inf and NaN
     if tl.sum(finite, axis=0) == ROWS:
-        xs = tl.maximum(row_amax, 1.0e-12) * (1.0 / 2688.0)
+        xs = tl.maximum(row_amax, K_MEGA_MOE_TOKEN_AMAX_FLOOR) * (1.0 / K_GLOBAL_DIVISOR)
         tl.store(out_xs_ptr + rows, xs, mask=rmask1)
         xs2 = xs[:, None]
         zxs2 = div_rn(tl.full([ROWS, 1], 1.0, tl.float32), xs2)
@@ -216,7 +225,7 @@ def _megamoe_nvfp4_stage_kernel(
             lo, hi = pair_to_f32(words[c], IS_BF16)
             m = tl.maximum(tl.abs(lo), tl.abs(hi))  # NaN skipped, as vLLM's tl.max
             acc = tl.maximum(acc, tl.max(tl.reshape(m, [ROWS, G, 8]), axis=2))
-        xs = tl.maximum(tl.max(acc, axis=1), 1.0e-12) * (1.0 / 2688.0)
+        xs = tl.maximum(tl.max(acc, axis=1), K_MEGA_MOE_TOKEN_AMAX_FLOOR) * (1.0 / K_GLOBAL_DIVISOR)
         tl.store(out_xs_ptr + rows, xs, mask=rmask1)
         xs2 = xs[:, None]
         for c in tl.static_range(CHUNKS):
@@ -249,7 +258,7 @@ def _megamoe_nvfp4_split_kernel(
         _topk_rows(rows64, rmask1, ids_ptr, w_ptr, pad_ptr, ids_out_ptr, w_out_ptr, ids_sm,
                    ids_sk, w_sm, w_sk, pad_sm, ido_sm, ido_sk, wo_sm, wo_sk, TOP_K, BLOCK_TOPK,
                    HAS_PAD)
-    G: tl.constexpr = BLOCK_H // 16
+    G: tl.constexpr = BLOCK_H // K_GROUP
     W: tl.constexpr = BLOCK_H // 2
     rmask = rmask1[:, None]
     src = x_ptr + r2 * stride_xw + tl.arange(0, W)[None, :]
@@ -263,7 +272,7 @@ def _megamoe_nvfp4_split_kernel(
     out_sf = out_sf_ptr + c * G
     if tl.sum((row_amax <= FP32_MAX).to(tl.int32), axis=0) == 1:
         lo, hi = pair_to_f32(w, IS_BF16)
-        xs = tl.maximum(row_amax, 1.0e-12) * (1.0 / 2688.0)
+        xs = tl.maximum(row_amax, K_MEGA_MOE_TOKEN_AMAX_FLOOR) * (1.0 / K_GLOBAL_DIVISOR)
         xs2 = xs[:, None]
         zxs2 = div_rn(tl.full([1, 1], 1.0, tl.float32), xs2)
         sf_byte, packed = _fast_chunk(w, _group_amax(lo, hi, 1, G, HW), xs2, zxs2, 1, G,
@@ -274,7 +283,7 @@ def _megamoe_nvfp4_split_kernel(
             lo, hi = pair_to_f32(tl.load(src + cc * W, mask=rmask, other=0), IS_BF16)
             m = tl.maximum(tl.abs(lo), tl.abs(hi))  # NaN skipped, as vLLM's tl.max
             acc = tl.maximum(acc, tl.max(tl.reshape(m, [1, G, 8]), axis=2))
-        xs = tl.maximum(tl.max(acc, axis=1), 1.0e-12) * (1.0 / 2688.0)
+        xs = tl.maximum(tl.max(acc, axis=1), K_MEGA_MOE_TOKEN_AMAX_FLOOR) * (1.0 / K_GLOBAL_DIVISOR)
         sf_byte, packed = _exact_chunk(w, xs[:, None], 1, G, IS_BF16, HW)
     if c == 0:
         tl.store(out_xs_ptr + rows, xs, mask=rmask1)

@@ -48,7 +48,15 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4_nvfp4.formats.constants import NVFP4_GROUP
+from dsv4_nvfp4.formats.constants import (
+    E2M1_MAX,
+    E4M3_MAX,
+    E4M3_MIN_SUBNORMAL,
+    MEGA_MOE_TOKEN_AMAX_FLOOR,
+    NVFP4_GLOBAL_DIVISOR,
+    NVFP4_GROUP,
+    PER_TOKEN_AMAX_FLOOR,
+)
 from dsv4_nvfp4.formats.errors import expect
 
 from ._bits import (
@@ -67,6 +75,18 @@ from ._config import TileConfig, check_tile, row_fits, staging_tile
 
 SF_WORD_GROUPS = 4  # UE4M3 scales per int32 word
 H_MULTIPLE = NVFP4_GROUP * SF_WORD_GROUPS  # 64: one int32 scale word
+
+# The format constants as Triton compile-time values (a kernel reads only constexpr
+# globals); formats.constants owns them. Each keeps its literal's value, so the
+# compiled code is the literal's. Inside kernels a constexpr goes right of a tensor
+# operand (``pts * K_E2M1_MAX``): the CPU interpreter cannot put it on the left.
+K_GROUP = tl.constexpr(NVFP4_GROUP)  # 16
+K_E2M1_MAX = tl.constexpr(E2M1_MAX)  # 6.0
+K_E4M3_MAX = tl.constexpr(E4M3_MAX)  # 448.0
+K_E4M3_MIN_SUBNORMAL = tl.constexpr(E4M3_MIN_SUBNORMAL)  # 2**-9
+K_GLOBAL_DIVISOR = tl.constexpr(NVFP4_GLOBAL_DIVISOR)  # 2688.0 = 6 * 448
+K_PER_TOKEN_AMAX_FLOOR = tl.constexpr(PER_TOKEN_AMAX_FLOOR)  # 1e-4
+K_MEGA_MOE_TOKEN_AMAX_FLOOR = tl.constexpr(MEGA_MOE_TOKEN_AMAX_FLOOR)  # 1e-12, vLLM's
 
 
 @triton.jit
@@ -103,7 +123,7 @@ def _stage_per_token_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
                             H: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
                             IS_BF16: tl.constexpr, HW: tl.constexpr):
     """ROWS whole tokens: pass 1 finds the row amax, pass 2 quantizes (re-reads hit L2)."""
-    G: tl.constexpr = BLOCK_H // 16
+    G: tl.constexpr = BLOCK_H // K_GROUP
     W: tl.constexpr = BLOCK_H // 2
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask1 = rows < T
@@ -118,10 +138,10 @@ def _stage_per_token_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
         a = nan_max_reduce(abs_max(lo, hi), 1, HW)
         row_amax = tl.maximum(row_amax, a, propagate_nan=tl.PropagateNan.ALL)
     # formats: pts = max(row_amax, 1e-4) / 2688 (clamp keeps NaN, like torch.clamp)
-    clamped = tl.maximum(row_amax, 1e-4, propagate_nan=tl.PropagateNan.ALL)
-    pts = div_rn(clamped, tl.full([ROWS], 2688.0, tl.float32))
+    clamped = tl.maximum(row_amax, K_PER_TOKEN_AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    pts = div_rn(clamped, tl.full([ROWS], K_GLOBAL_DIVISOR, tl.float32))
     tl.store(out_pts_ptr + rows, pts, mask=rmask1)
-    six_pts = (6.0 * pts)[:, None]
+    six_pts = (pts * K_E2M1_MAX)[:, None]
     pts2 = pts[:, None]
     # Quotients x / (SF * pts) of a nonzero bf16 can round to zero only when SF * pts >= 2**16,
     # i.e. pts > 146; below that the reciprocal form is exact (see div_by_reciprocal).
@@ -215,7 +235,7 @@ def _stage_per_token_row_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
     the row amax is one reduction over their elementwise maximum. ``out_sf_ptr`` is the
     scale words viewed as bytes (``stride_osf`` in bytes).
     """
-    G: tl.constexpr = BLOCK_H // 16
+    G: tl.constexpr = BLOCK_H // K_GROUP
     W: tl.constexpr = BLOCK_H // 2
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask1 = rows < T
@@ -236,10 +256,10 @@ def _stage_per_token_row_kernel(x_ptr, out_x_ptr, out_sf_ptr, out_pts_ptr, T,
         acc = tl.maximum(acc, a, propagate_nan=tl.PropagateNan.ALL)
     row_amax = nan_max_reduce(acc, 1, HW)
     # formats: pts = max(row_amax, 1e-4) / 2688 (clamp keeps NaN, like torch.clamp)
-    clamped = tl.maximum(row_amax, 1e-4, propagate_nan=tl.PropagateNan.ALL)
-    pts = div_rn(clamped, tl.full([ROWS], 2688.0, tl.float32))
+    clamped = tl.maximum(row_amax, K_PER_TOKEN_AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    pts = div_rn(clamped, tl.full([ROWS], K_GLOBAL_DIVISOR, tl.float32))
     tl.store(out_pts_ptr + rows, pts, mask=rmask1)
-    six_pts = (6.0 * pts)[:, None]
+    six_pts = (pts * K_E2M1_MAX)[:, None]
     pts2 = pts[:, None]
     # Quotients x / (SF * pts) of a nonzero bf16 can round to zero only when SF * pts >= 2**16,
     # i.e. pts > 146; below that the reciprocal form is exact (see div_by_reciprocal). The

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import NVFP4_GROUP, quantize_nvfp4_weight
+from ..formats import NVFP4_GLOBAL_DIVISOR, NVFP4_GROUP, quantize_nvfp4_weight
 
 _LIBRARY: torch.library.Library | None = None
 
@@ -37,7 +37,7 @@ def _fake_quant_cpu(inputs: torch.Tensor, block_size: int, amax: torch.Tensor, n
     if not bool(global_amax > 0):
         return torch.zeros_like(inputs)
     flat = inputs.reshape(-1, inputs.shape[-1])
-    q = quantize_nvfp4_weight(flat, global_scale=global_amax / 2688.0)
+    q = quantize_nvfp4_weight(flat, global_scale=global_amax / NVFP4_GLOBAL_DIVISOR)
     return q.dequantize(torch.float32).reshape(inputs.shape).to(inputs.dtype)
 
 
