@@ -314,6 +314,16 @@ def test_split_and_join_flags_round_trip():
     assert dc.split_flags(dc.join_flags(pairs)) == pairs
 
 
+def test_flag_value_and_has_flag_read_both_spellings():
+    flags = ["--served-model-name", "dsv4", "--switch", "--port=8001"]
+    assert dc.flag_value(flags, "--served-model-name") == "dsv4"
+    assert dc.flag_value(flags, "--port") == "8001"
+    assert dc.flag_value(flags, "--switch") is None  # a bare switch has no value
+    assert dc.flag_value(flags, "--absent") is None
+    assert dc.has_flag(flags, "--switch") and dc.has_flag(flags, "--port")
+    assert not dc.has_flag(flags, "--served-model")  # whole names only, not prefixes
+
+
 def test_cpu_flags_drop_exactly_the_gpu_only_flags():
     flags = dc.serve_flags(COMPOSE, env_file=ENV_EXAMPLE, environ={})
     names = [n for n, _ in dc.split_flags(flags)]

@@ -313,6 +313,16 @@ def split_flags(flags: Iterable[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
+def flag_value(flags: Iterable[str], name: str) -> str | None:
+    """The value of flag `name` (`--name v` or `--name=v`); None if absent or a bare switch."""
+    return next((value for flag, value in split_flags(flags) if flag == name), None)
+
+
+def has_flag(flags: Iterable[str], name: str) -> bool:
+    """Whether flag `name` is among `flags` (with or without a value)."""
+    return any(flag == name for flag, _ in split_flags(flags))
+
+
 def join_flags(pairs: Iterable[tuple[str, str | None]]) -> list[str]:
     """Inverse of `split_flags` (values as separate tokens)."""
     out: list[str] = []

@@ -79,7 +79,7 @@ def build_server_config(
             """in .env (python3 -c "import secrets; print(secrets.token_urlsafe(32))")"""
         )
     flags = list(command.flags)
-    served = _flag_value(flags, "--served-model-name")
+    served = compose.flag_value(flags, "--served-model-name")
     if cpu:
         flags = compose.cpu_flags(flags)
         flags = compose.with_overrides(flags, {"--max-model-len": str(CPU_MAX_MODEL_LEN)})
@@ -102,15 +102,6 @@ def build_server_config(
         cpu_shim=cpu,
         log_path=log_path,
     )
-
-
-def _flag_value(flags: list[str], name: str) -> str | None:
-    for i, token in enumerate(flags):
-        if token == name and i + 1 < len(flags):
-            return flags[i + 1]
-        if token.startswith(name + "="):
-            return token.split("=", 1)[1]
-    return None
 
 
 def demo_environ(served_model_name: str = "dsv4-tiny") -> dict[str, str]:

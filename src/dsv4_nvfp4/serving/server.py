@@ -115,9 +115,11 @@ class LocalServer:
 
     def command(self) -> list[str]:
         """The argv that starts the server; our host/port/name come last so they win."""
+        from dsv4_nvfp4.deploy.compose import has_flag
+
         cfg = self.config
         cmd = [cfg.python, "-m", API_SERVER_MODULE, "--model", cfg.model, *cfg.serve_args]
-        named = any(a.split("=", 1)[0] == "--served-model-name" for a in cfg.serve_args)
+        named = has_flag(cfg.serve_args, "--served-model-name")
         if cfg.served_model_name and not named:
             cmd += ["--served-model-name", cfg.served_model_name]
         return [*cmd, "--host", cfg.host, "--port", str(self.port)]
