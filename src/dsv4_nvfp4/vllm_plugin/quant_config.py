@@ -47,11 +47,11 @@ def checkpoint_quant_cfg() -> tuple[dict[str, Any], int]:
     """The checkpoint's ``quantization_config`` dict and ``num_hidden_layers`` (current config)."""
     from vllm.config import get_current_vllm_config
 
+    from dsv4_nvfp4.vllm_plugin.mega_moe import quant_cfg_of
+
     model_config = get_current_vllm_config().model_config
-    quant_cfg = getattr(model_config.hf_config, "quantization_config", None) or {}
-    if not isinstance(quant_cfg, dict):
-        quant_cfg = dict(quant_cfg)
-    return quant_cfg, int(model_config.hf_text_config.num_hidden_layers)
+    return (quant_cfg_of(model_config.hf_config),
+            int(model_config.hf_text_config.num_hidden_layers))
 
 
 def vllm_release() -> tuple[int, int]:
