@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
-from dsv4_nvfp4.checkpoint.expert_quant import checkpoint_experts_name, experts_are_nvfp4
+from dsv4_nvfp4.checkpoint.expert_quant import (
+    checkpoint_experts_name,
+    experts_are_nvfp4,
+    experts_module_of,
+)
 from dsv4_nvfp4.vllm_plugin.patch_register import MEGA_MOE_FORMAT_SUBSTITUTION
 
 logger = logging.getLogger("vllm.dsv4_nvfp4.mega_moe")
@@ -50,9 +53,8 @@ FORMATS_MODULE = "vllm.model_executor.layers.fused_moe.deep_gemm_mega_moe"
 NVFP4_FORMAT_SYMBOL = "MEGA_MOE_NVFP4"
 MXFP4_FORMAT_SYMBOL = "MEGA_MOE_MXFP4"
 
-# Checkpoint (DeepSeek) names of the FC1 activation scales of one routed expert.
-_FC1_INPUT_SCALE = re.compile(r"^(?P<experts>(?:layers|mtp)\.\d+\.ffn\.experts)\.\d+\.w[13]"
-                              r"\.input_scale$")
+# Suffixes of the FC1 activation scales of one routed expert (DeepSeek names).
+_FC1_INPUT_SCALES = (".w1.input_scale", ".w3.input_scale")
 
 
 class MegaMoEUnavailable(RuntimeError):
@@ -153,9 +155,8 @@ def without_unused_input_scales(weights: Iterable[tuple[str, Any]],
     """The checkpoint stream minus w1/w3 ``input_scale`` of NVFP4 experts (see module doc)."""
     verdict: dict[str, bool] = {}
     for name, tensor in weights:
-        m = _FC1_INPUT_SCALE.match(name)
-        if m is not None:
-            experts = m.group("experts")
+        experts = experts_module_of(name) if name.endswith(_FC1_INPUT_SCALES) else None
+        if experts is not None:
             if experts not in verdict:
                 verdict[experts] = experts_are_nvfp4(experts, quant_cfg)
             if verdict[experts]:
