@@ -100,9 +100,6 @@ RUN --mount=type=bind,source=.,target=/context \
       && patch -p1 --fuzz=0 --forward --batch -d "${site}" -i "${diff}" || exit 1; \
     done
 
-# The stdlib-only probe compose.yaml's healthcheck runs.
-COPY healthcheck/ /opt/dsv4-nvfp4/healthcheck/
-
 # Fail the build unless vLLM, torch and FlashInfer are the pins (and equal the
 # build args the labels carry), our plugin loads, no site-packages deep_gemm
 # shadows vLLM's vendored one, the vendored one is the pinned version with the

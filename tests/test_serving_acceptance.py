@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4_nvfp4.serving import acceptance
+from dsv4_nvfp4.cli import main as cli_main
 from dsv4_nvfp4.versions import pins
 
 DATA = Path(__file__).parent / "data" / "gsm8k_tiny"
@@ -21,8 +21,8 @@ DATA = Path(__file__).parent / "data" / "gsm8k_tiny"
 @pytest.mark.server
 def test_acceptance_fails_a_random_cpu_model_for_the_right_reasons(tiny_server, tmp_path) -> None:
     out = tmp_path / "acceptance"
-    code = acceptance.main(
-        [
+    code = cli_main(
+        ["acceptance",
             "--url", tiny_server.url,
             "--api-key", tiny_server.api_key,
             "--out-dir", str(out),

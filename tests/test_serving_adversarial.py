@@ -15,7 +15,7 @@ whatever reaches it. What must hold against each:
   with its reason.
 
 The probes run as the user runs them, in their own interpreter
-(``healthcheck.py`` with ``-I -S``: standard library only), so a probe that
+(``dsv4-nvfp4 health`` with ``-I -S``: standard library only), so a probe that
 hangs is killed by the test's own timeout and reported as a failure.
 """
 
@@ -35,13 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from probe_cli import isolated_health_argv
 
+from dsv4_nvfp4.cli import main as cli_main
 from dsv4_nvfp4.deploy import compose
-from dsv4_nvfp4.serving import bench, openai_http, serve
-from dsv4_nvfp4.serving import eval as gsm8k
-from dsv4_nvfp4.serving.server import REPO_ROOT, healthcheck
+from dsv4_nvfp4.launch import serve
+from dsv4_nvfp4.serving import openai_http
+from dsv4_nvfp4.serving import probe as health_probe
 
-SCRIPT = REPO_ROOT / "healthcheck" / "healthcheck.py"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = REPO_ROOT / "compose.yaml"
 KEY = "secret-key-for-the-test"
 ALL_CHECKS = (
@@ -233,12 +235,12 @@ def _run(argv: list[str], timeout: float, api_key: str | None = None) -> Outcome
 
 
 def probe(*args: str, timeout: float = 15, api_key: str | None = None) -> Outcome:
-    """``healthcheck.py`` the way compose runs it (isolated, standard library only)."""
-    return _run([sys.executable, "-I", "-S", str(SCRIPT), *args], timeout, api_key)
+    """``dsv4-nvfp4 health`` the way compose runs it (isolated, standard library only)."""
+    return _run(isolated_health_argv(*args), timeout, api_key)
 
 
 def module(name: str, *args: str, timeout: float = 20, api_key: str | None = None) -> Outcome:
-    return _run([sys.executable, "-m", f"dsv4_nvfp4.serving.{name}", *args], timeout, api_key)
+    return _run([sys.executable, "-m", "dsv4_nvfp4", name, *args], timeout, api_key)
 
 
 def one_line(text: str) -> str:
@@ -248,7 +250,7 @@ def one_line(text: str) -> str:
     return text[:-1]
 
 
-# --- healthcheck.py: overall deadline and size cap -------------------------------------
+# --- the probe: overall deadline and size cap -------------------------------------
 
 
 @pytest.mark.cpu
@@ -311,25 +313,25 @@ def test_probe_never_follows_a_redirect_with_the_key(peer) -> None:
     [
         (
             ("--timeout", "-1"),
-            "healthcheck.py: --timeout: expected a positive number of seconds, got '-1'",
+            "dsv4-nvfp4 health: --timeout: expected a positive number of seconds, got '-1'",
         ),
         (
             ("--timeout", "nan"),
-            "healthcheck.py: --timeout: expected a positive number of seconds, got 'nan'",
+            "dsv4-nvfp4 health: --timeout: expected a positive number of seconds, got 'nan'",
         ),
         (
             ("--url", "127.0.0.1:8000"),
-            "healthcheck.py: --url '127.0.0.1:8000': expected http://HOST[:PORT] or "
+            "dsv4-nvfp4 health: --url '127.0.0.1:8000': expected http://HOST[:PORT] or "
             "https://HOST[:PORT]",
         ),
         (
             ("--url", "http://127.0.0.1:port"),
-            "healthcheck.py: --url 'http://127.0.0.1:port': the port is not a number "
+            "dsv4-nvfp4 health: --url 'http://127.0.0.1:port': the port is not a number "
             "from 1 to 65535",
         ),
         (
             ("--url", "http://127.0.0.1:99999"),
-            "healthcheck.py: --url 'http://127.0.0.1:99999': the port is not a number "
+            "dsv4-nvfp4 health: --url 'http://127.0.0.1:99999': the port is not a number "
             "from 1 to 65535",
         ),
         (("alive",), None),  # argparse's own error, on one line
@@ -341,7 +343,7 @@ def test_probe_unusable_input_exits_2_with_one_line(args, message) -> None:
     assert res.code == 2 and res.out == ""
     line = one_line(res.err)
     if message is None:
-        assert line.startswith("healthcheck.py: argument probe: invalid choice: 'alive'")
+        assert line.startswith("dsv4-nvfp4 health: argument probe: invalid choice: 'alive'")
     else:
         assert line == message
 
@@ -359,7 +361,7 @@ def test_ready_default_deadline_fits_compose_healthcheck_timeout() -> None:
     """Compose kills the probe at ``timeout`` and keeps no message; ours must end first."""
     check = compose.load_compose(COMPOSE)["services"]["vllm"]["healthcheck"]
     assert "ready" in check["test"] and "--timeout" not in check["test"]  # runs the default
-    hc = healthcheck()
+    hc = health_probe
     assert hc.DEFAULT_DEADLINE_S == {"live": 5.0, "ready": 25.0}
     # 2 s for the interpreter to start and print, under load.
     assert hc.DEFAULT_DEADLINE_S["ready"] + 2.0 <= _go_duration_s(check["timeout"])
@@ -533,8 +535,7 @@ def test_shared_client_refuses_redirects(peer) -> None:
 def test_eval_and_bench_stop_at_a_redirect_with_one_line(peer, tmp_path, capsys, command) -> None:
     target = peer(trap)
     p = peer(redirector(target))
-    main = {"eval": gsm8k.main, "bench": bench.main}[command]
-    code = main(["--url", p.url, "--api-key", KEY, "--out-dir", str(tmp_path)])
+    code = cli_main([command, "--url", p.url, "--api-key", KEY, "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1
     assert one_line(err) == (
@@ -547,7 +548,7 @@ def test_eval_and_bench_stop_at_a_redirect_with_one_line(peer, tmp_path, capsys,
 @pytest.mark.cpu
 def test_eval_garbage_model_list_is_one_line(peer, tmp_path, capsys) -> None:
     p = peer(garbage)
-    code = gsm8k.main(["--url", p.url, "--out-dir", str(tmp_path)])
+    code = cli_main(["eval", "--url", p.url, "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1
     assert one_line(err).startswith("eval: GET /v1/models: not an HTTP answer (")
@@ -579,7 +580,7 @@ def test_serve_refuses_the_placeholder_key(tmp_path, capsys, monkeypatch) -> Non
     )
     assert str(err.value) == message
     monkeypatch.setenv("VLLM_API_KEY", placeholder)
-    code = serve.main([
+    code = cli_main(["serve",
         "--model-dir", str(tmp_path), "--compose-file", str(COMPOSE),
         "--env-file", str(env_file), "--dry-run",
     ])

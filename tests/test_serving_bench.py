@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from dsv4_nvfp4.cli import main as cli_main
 from dsv4_nvfp4.serving import bench
 
 
 @pytest.mark.server
 def test_bench_tiny_sweep_writes_json_and_plot(tiny_server, tmp_path) -> None:
     out = tmp_path / "bench"
-    code = bench.main(
-        [
+    code = cli_main(
+        ["bench",
             "--url",
             tiny_server.url,
             "--api-key",
@@ -69,7 +70,7 @@ def test_chat_dataset_is_sharegpt_and_deterministic(tmp_path) -> None:
 
 @pytest.mark.cpu
 def test_bad_datasets_argument_is_one_line(capsys) -> None:
-    assert bench.main(["--datasets", "random,sharegpt"]) == 1
+    assert cli_main(["bench", "--datasets", "random,sharegpt"]) == 1
     assert capsys.readouterr().err == (
         "bench: --datasets: expected random and/or chat, got 'random,sharegpt'\n"
     )
@@ -93,7 +94,7 @@ def _report(label: str, gpus: int, points: list[tuple[str, int, float, float]]) 
 
 
 def test_compare_plots_each_backend_against_the_anchor(tmp_path) -> None:
-    from dsv4_nvfp4.serving.bench import ANCHOR, main
+    from dsv4_nvfp4.serving.bench import ANCHOR
 
     a, b = tmp_path / "fusedmoe" / "bench.json", tmp_path / "megamoe" / "bench.json"
     for path, rep in ((a, _report("fusedmoe", 8, [("random", 1, 90.0, 400.0),
@@ -104,7 +105,7 @@ def test_compare_plots_each_backend_against_the_anchor(tmp_path) -> None:
         path.parent.mkdir()
         path.write_text(json.dumps(rep))
     out = tmp_path / "cmp"
-    assert main(["--compare", str(a), str(b), "--out-dir", str(out)]) == 0
+    assert cli_main(["bench", "--compare", str(a), str(b), "--out-dir", str(out)]) == 0
     summary = json.loads((out / "compare.json").read_text())
     assert summary["anchor"] == ANCHOR
     assert [c["label"] for c in summary["curves"]] == [
@@ -117,14 +118,12 @@ def test_compare_plots_each_backend_against_the_anchor(tmp_path) -> None:
 
 
 def test_compare_refuses_sweeps_that_do_not_compare(tmp_path, capsys) -> None:
-    from dsv4_nvfp4.serving.bench import main
-
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(_report("x", 8, [("random", 1, 1.0, 1.0)])))
     b.write_text(json.dumps(_report("y", 4, [("random", 1, 1.0, 1.0)])))
-    assert main(["--compare", str(a), str(b), "--out-dir", str(tmp_path / "o")]) == 1
+    assert cli_main(["bench", "--compare", str(a), str(b), "--out-dir", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"bench: {b}: gpus 4 differs from {a}'s 8; the sweeps do not compare"]
     b.write_text("not json")
-    assert main(["--compare", str(a), str(b), "--out-dir", str(tmp_path / "o")]) == 1
+    assert cli_main(["bench", "--compare", str(a), str(b), "--out-dir", str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err.startswith(f"bench: {b}: expected a bench.json report")

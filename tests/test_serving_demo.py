@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from dsv4_nvfp4.serving import demo
+from dsv4_nvfp4.cli import main as cli_main
 
 
 @pytest.mark.server
 def test_demo_runs_all_nine_steps(tmp_path, capsys) -> None:
     work = tmp_path / "demo"
-    code = demo.main(["--work-dir", str(work), "--concurrency", "16"])
+    code = cli_main(["demo", "--work-dir", str(work), "--concurrency", "16"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.count("      proved: ") == 9
@@ -35,6 +35,6 @@ def test_demo_runs_all_nine_steps(tmp_path, capsys) -> None:
 @pytest.mark.cpu
 def test_demo_refuses_a_non_empty_work_dir(tmp_path, capsys) -> None:
     (tmp_path / "x").write_text("keep me")
-    assert demo.main(["--work-dir", str(tmp_path)]) == 2
+    assert cli_main(["demo", "--work-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"demo: {tmp_path}: expected an empty or new directory\n"
     assert (tmp_path / "x").read_text() == "keep me"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dsv4_nvfp4.cli import main as cli_main
 from dsv4_nvfp4.serving import eval as lm_eval_wrapper
 
 DATA = Path(__file__).parent / "data" / "gsm8k_tiny"
@@ -21,8 +22,8 @@ DATA = Path(__file__).parent / "data" / "gsm8k_tiny"
 @pytest.mark.server
 def test_eval_two_question_task(tiny_server, tmp_path, capsys) -> None:
     out = tmp_path / "eval"
-    code = lm_eval_wrapper.main(
-        [
+    code = cli_main(
+        ["eval",
             "--url",
             tiny_server.url,
             "--api-key",

@@ -6,13 +6,16 @@ The expected flags are read from compose.yaml through the one reader
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from dsv4_nvfp4.cli import main as cli_main
 from dsv4_nvfp4.deploy import compose
-from dsv4_nvfp4.serving import serve
-from dsv4_nvfp4.serving.server import REPO_ROOT, LocalServer
+from dsv4_nvfp4.launch import serve
+from dsv4_nvfp4.launch.vllm_process import LocalServer
 
-COMPOSE = REPO_ROOT / "compose.yaml"
+COMPOSE = Path(__file__).resolve().parents[1] / "compose.yaml"
 ENV = {"VLLM_API_KEY": "k", "SERVED_MODEL_NAME": "m"}
 
 
@@ -69,7 +72,9 @@ def test_bad_input_is_one_line(model_dir, tmp_path, env, model, message) -> None
 @pytest.mark.cpu
 def test_dry_run_prints_the_command_without_the_key(model_dir, capsys, monkeypatch) -> None:
     monkeypatch.setenv("VLLM_API_KEY", "secret-value")
-    code = serve.main(["--model-dir", str(model_dir), "--compose-file", str(COMPOSE), "--dry-run"])
+    code = cli_main(
+        ["serve", "--model-dir", str(model_dir), "--compose-file", str(COMPOSE), "--dry-run"]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "secret-value" not in out and "VLLM_API_KEY=..." in out
     assert "vllm.entrypoints.openai.api_server --model" in out

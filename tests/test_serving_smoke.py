@@ -11,9 +11,10 @@ import json
 
 import pytest
 
-from dsv4_nvfp4.serving import metrics, smoke
+from dsv4_nvfp4.cli import main as cli_main
+from dsv4_nvfp4.launch.vllm_process import free_port
+from dsv4_nvfp4.serving import metrics
 from dsv4_nvfp4.serving.openai_http import iter_sse, reassemble
-from dsv4_nvfp4.serving.server import free_port
 from dsv4_nvfp4.versions import pins
 
 EXPECTED_PASS = [
@@ -33,8 +34,8 @@ EXPECTED_PASS = [
 @pytest.mark.server
 def test_smoke_on_tiny_server(tiny_server, tmp_path, capsys) -> None:
     report_path = tmp_path / "smoke.json"
-    code = smoke.main(
-        [
+    code = cli_main(
+        ["smoke",
             "--url",
             tiny_server.url,
             "--api-key",
@@ -71,8 +72,8 @@ def test_smoke_on_tiny_server(tiny_server, tmp_path, capsys) -> None:
 @pytest.mark.server
 def test_smoke_wrong_api_key_fails_and_names_checks(tiny_server, tmp_path, capsys) -> None:
     report_path = tmp_path / "smoke.json"
-    code = smoke.main(
-        [
+    code = cli_main(
+        ["smoke",
             "--url",
             tiny_server.url,
             "--api-key",
@@ -94,7 +95,7 @@ def test_smoke_wrong_api_key_fails_and_names_checks(tiny_server, tmp_path, capsy
 @pytest.mark.cpu
 def test_smoke_without_server_is_one_line(capsys) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    assert smoke.main(["--url", url, "--json", ""]) == 1
+    assert cli_main(["smoke", "--url", url, "--json", ""]) == 1
     err = capsys.readouterr().err
     assert err == f"smoke: no server at {url} (connection refused)\n"
 

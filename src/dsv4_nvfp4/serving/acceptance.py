@@ -328,13 +328,3 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_arguments(p)
     p.set_defaults(func=run)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv4-nvfp4 acceptance", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

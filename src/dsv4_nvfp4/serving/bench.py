@@ -598,13 +598,3 @@ def run(args: argparse.Namespace) -> int:
         f"{report['json']}, {report['plot']}"
     )
     return 0 if failed == 0 else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv4-nvfp4 bench", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

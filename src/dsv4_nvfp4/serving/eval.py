@@ -277,13 +277,3 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     print(f"eval: {summary['json']}")
     return 0 if summary["passed"] in (None, True) else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv4-nvfp4 eval", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

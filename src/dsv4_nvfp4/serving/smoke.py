@@ -844,13 +844,3 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"smoke passed{skipped}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv4-nvfp4 smoke", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

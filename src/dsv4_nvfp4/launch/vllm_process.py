@@ -2,7 +2,7 @@
 
 Why a module of its own: every place that runs a real server must do the same
 four things right — pick a free port, wait with the *same* readiness probe the
-compose file uses (``healthcheck/healthcheck.py``), notice when the process died
+compose file uses (:mod:`dsv4_nvfp4.serving.probe`), notice when the process died
 during start-up (and say why, from its log), and stop it by PID even when the
 caller fails, leaving no engine-core or worker process behind.
 
@@ -16,7 +16,6 @@ imports vLLM; it only spawns it.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import signal
 import socket
@@ -26,32 +25,18 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
-from types import ModuleType
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-HEALTHCHECK_PATH = REPO_ROOT / "healthcheck" / "healthcheck.py"
-CPU_SHIM_DIR = REPO_ROOT / "scripts" / "cpu_shim"
+from dsv4_nvfp4.serving import probe
+
+# The demo's CPU-only Triton-interpreter shim, shipped beside this module.
+CPU_SHIM_DIR = Path(__file__).with_name("cpu_shim")
 CPU_SHIM_ENV = "DSV4_CPU_TRITON_INTERPRET"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 class ServerError(RuntimeError):
     """The server could not be started or did not become ready; the message says why."""
-
-
-@cache
-def healthcheck() -> ModuleType:
-    """The stdlib probe from ``healthcheck/`` (the file compose runs), loaded by path."""
-    if not HEALTHCHECK_PATH.is_file():
-        raise ServerError(f"{HEALTHCHECK_PATH}: healthcheck script not found (run from a checkout)")
-    spec = importlib.util.spec_from_file_location("dsv4_healthcheck", HEALTHCHECK_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -64,7 +49,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def cpu_shim_env() -> dict[str, str]:
     """Environment that activates the test-harness Triton-interpreter shim (CPU only)."""
     if not (CPU_SHIM_DIR / "sitecustomize.py").is_file():
-        raise ServerError(f"{CPU_SHIM_DIR}: CPU Triton shim not found (run from a checkout)")
+        raise ServerError(f"{CPU_SHIM_DIR}: CPU Triton shim missing from the installed package")
     path = os.environ.get("PYTHONPATH", "")
     return {
         CPU_SHIM_ENV: "1",
@@ -162,14 +147,13 @@ class LocalServer:
         return "\n".join(lines[-n_lines:])
 
     def wait_ready(self, timeout: float | None = None, interval: float = 1.0) -> float:
-        """Poll the healthcheck's ``ready`` probe; return seconds since start.
+        """Poll the compose ``ready`` probe; return seconds since start.
 
         Raises ServerError (with the log tail) when the process exits first or
         the timeout passes; the caller still owns ``stop()``.
         """
         if self.proc is None:
             raise ServerError("server not started")
-        hc = healthcheck()
         deadline = time.monotonic() + (timeout or self.ready_timeout)
         last = None
         while time.monotonic() < deadline:
@@ -179,7 +163,7 @@ class LocalServer:
                     f"vLLM server exited with code {code} during start-up; log "
                     f"{self.log_path}:\n{self.log_tail()}"
                 )
-            last = hc.probe_ready(
+            last = probe.probe_ready(
                 self.url, self.config.served_model_name, 30.0, self.config.api_key
             )
             if last.ok:

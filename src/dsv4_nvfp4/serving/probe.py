@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""Liveness and readiness probe for the vLLM OpenAI server (standard library only).
+"""``dsv4-nvfp4 health live|ready``: the liveness and readiness probe compose runs (stdlib only).
 
 Why two probes, and why three kinds of "unhealthy":
 
@@ -22,11 +21,18 @@ compose's healthcheck ``timeout`` (30 s), so the message is printed before
 compose kills the probe. Redirects are never followed: the API key goes to
 ``--url`` only.
 
-Usage: ``healthcheck.py live|ready [--url URL] [--model NAME] [--timeout S]``.
+Usage: ``dsv4-nvfp4 health live|ready [--url URL] [--model NAME] [--timeout S]``;
+compose runs the same command as ``python3 -m dsv4_nvfp4 health ready``.
 ``VLLM_API_KEY`` (or ``--api-key``) is sent as a bearer token. Exit 0 healthy
 (one line on stdout), 1 not (one line on stderr naming the state and why), 2
-unusable input (one line on stderr). Runs under the image's Python 3.12 with
-nothing but the standard library.
+unusable input (one line on stderr).
+
+Why standard library only: the probe runs every 30 s inside the serving
+container, next to a server that may be wedged; it must start in milliseconds
+and must not depend on torch, httpx or vLLM importing cleanly.
+``dsv4_nvfp4``, ``dsv4_nvfp4.cli`` and ``dsv4_nvfp4.serving`` import nothing at
+import time, so ``python3 -I -S`` (no site-packages at all) runs it;
+``tests/test_import_rules.py`` checks that.
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import NoReturn
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Whole-probe deadlines in seconds. ready's must end before compose's healthcheck
@@ -420,13 +425,6 @@ def probe_ready(
     )
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2), not the usage text."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {_one_line(message, 300)}\n")
-
-
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -437,40 +435,48 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def main(argv: list[str] | None = None, prog: str = "healthcheck.py") -> int:
-    parser = _Parser(
-        prog=prog, description="Probe a vLLM OpenAI server (exit 0 healthy, 1 not, 2 bad input)."
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "health",
+        help="liveness / readiness probe (exit 0 healthy, 1 not, 2 bad input)",
+        description=__doc__,
     )
-    parser.add_argument("probe", choices=["live", "ready"])
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"server base URL ({DEFAULT_URL})")
-    parser.add_argument("--model", default=None, help="served model name (default: first listed)")
-    parser.add_argument(
+    p.add_argument("probe", choices=["live", "ready"])
+    p.add_argument("--url", default=DEFAULT_URL, help=f"server base URL ({DEFAULT_URL})")
+    p.add_argument("--model", default=None, help="served model name (default: first listed)")
+    p.add_argument(
         "--timeout",
         default=None,
         help="deadline in seconds for the whole probe, every request of it "
         f"(live {DEFAULT_DEADLINE_S['live']:g}, ready {DEFAULT_DEADLINE_S['ready']:g})",
     )
-    parser.add_argument(
-        "--api-key", default=os.environ.get("VLLM_API_KEY"), help="default: $VLLM_API_KEY"
-    )
-    args = parser.parse_args(argv)
+    p.add_argument("--api-key", default=None, help="default: $VLLM_API_KEY")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Probe once; one line on stdout (healthy) or stderr (not, or bad input)."""
+    prog = "dsv4-nvfp4 health"
     try:
         parse_base_url(args.url)
     except ValueError as err:
-        parser.error(f"--url {args.url!r}: {err}")
+        print(f"{prog}: --url {args.url!r}: {err}", file=sys.stderr)
+        return 2
     deadline = DEFAULT_DEADLINE_S[args.probe]
     if args.timeout is not None:
         try:
             deadline = _positive_seconds(args.timeout)
         except ValueError:
-            parser.error(f"--timeout: expected a positive number of seconds, got {args.timeout!r}")
+            print(
+                f"{prog}: --timeout: expected a positive number of seconds, got {args.timeout!r}",
+                file=sys.stderr,
+            )
+            return 2
+    api_key = args.api_key or os.environ.get("VLLM_API_KEY")
     if args.probe == "live":
         result = probe_live(args.url, deadline)
     else:
-        result = probe_ready(args.url, args.model, deadline, args.api_key)
+        result = probe_ready(args.url, args.model, deadline, api_key)
     print(f"{args.probe} {result.message}", file=sys.stdout if result.ok else sys.stderr)
     return result.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

