@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 
 from dsv4_nvfp4.checkpoint.c_stream import LayoutCStream, split_c_name
-from dsv4_nvfp4.checkpoint.convert import Target, execute, plan
+from dsv4_nvfp4.checkpoint.convert_exec import execute
+from dsv4_nvfp4.checkpoint.convert_plan import Target, plan
 from dsv4_nvfp4.checkpoint.errors import CheckpointError
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.schema import Role

@@ -17,8 +17,9 @@ import torch
 from bitwise import assert_bitwise_equal
 
 from dsv4_nvfp4.checkpoint import convert as convert_mod
-from dsv4_nvfp4.checkpoint import transforms
-from dsv4_nvfp4.checkpoint.convert import Target, execute, plan
+from dsv4_nvfp4.checkpoint import convert_exec, transforms
+from dsv4_nvfp4.checkpoint.convert_exec import execute
+from dsv4_nvfp4.checkpoint.convert_plan import Target, plan
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.names import deepseek_to_c, is_mtp
 from dsv4_nvfp4.checkpoint.reader import TensorReader, open_checkpoint
@@ -277,9 +278,9 @@ def test_streamed_copies_in_odd_pieces_give_the_same_bytes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Copies stream through a ring of reused buffers: pieces that split tensors anywhere
     (1000 bytes, 2 buffers) must not change a byte, nor the manifest's sha256."""
-    monkeypatch.setattr(convert_mod, "PIECE_BYTES", 1000)
-    monkeypatch.setattr(convert_mod, "RING", 2)
-    monkeypatch.setattr(convert_mod, "dense_threads", lambda n: 1)
+    monkeypatch.setattr(convert_exec, "PIECE_BYTES", 1000)
+    monkeypatch.setattr(convert_exec, "RING", 2)
+    monkeypatch.setattr(convert_exec, "dense_threads", lambda n: 1)
     torch.set_num_threads(3)  # execute runs the dense conversions on 1 and restores this
     got = _convert(tinies["C"], tmp_path / "CB", Target.NVFP4, mtp_from=tinies["A"])
     assert torch.get_num_threads() == 3

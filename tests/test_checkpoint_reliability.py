@@ -20,7 +20,9 @@ from dsv4_nvfp4.checkpoint import convert as convert_mod
 from dsv4_nvfp4.checkpoint import tiny as tiny_mod
 from dsv4_nvfp4.checkpoint import verify as verify_mod
 from dsv4_nvfp4.checkpoint import writer as writer_mod
-from dsv4_nvfp4.checkpoint.convert import Target, execute, plan
+from dsv4_nvfp4.checkpoint.convert_exec import execute
+from dsv4_nvfp4.checkpoint.convert_plan import Target, plan
+from dsv4_nvfp4.checkpoint.convert_state import LOCK_NAME
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.reader import open_checkpoint
 from dsv4_nvfp4.checkpoint.schema import Storage
@@ -275,18 +277,18 @@ def test_second_convert_into_a_locked_destination_says_who_holds_it(
         tinies: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dst = tmp_path / "dst"
     dst.mkdir()
-    lock = dst / convert_mod.LOCK_NAME
+    lock = dst / LOCK_NAME
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running convert holds
         rc, _, err = _cli(convert_mod.main, [str(tinies["A"]), str(dst), "--to", "bf16",
                                              "--no-fsync"], capsys)
         assert rc == 2 and err.count("\n") == 1, err
         assert "another conversion" in err and str(dst) in err, err
-        assert sorted(p.name for p in dst.iterdir()) == [convert_mod.LOCK_NAME]
+        assert sorted(p.name for p in dst.iterdir()) == [LOCK_NAME]
     lock.unlink()
     rc, _, _ = _cli(convert_mod.main, [str(tinies["A"]), str(dst), "--to", "bf16",
                                        "--no-fsync"], capsys)
-    assert rc == 0 and not (dst / convert_mod.LOCK_NAME).exists()
+    assert rc == 0 and not (dst / LOCK_NAME).exists()
 
 
 # --- 6. code, pickles and auto_map are not carried over -------------------------------------

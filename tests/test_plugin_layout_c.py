@@ -29,7 +29,8 @@ import torch
 from test_checkpoint_c_stream import assert_same_tensors, shard_stream
 from test_plugin_helpers import engine_config
 
-from dsv4_nvfp4.checkpoint.convert import Target, execute, plan
+from dsv4_nvfp4.checkpoint.convert_exec import execute
+from dsv4_nvfp4.checkpoint.convert_plan import Target, plan
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.tiny import write_tiny
 

@@ -77,7 +77,8 @@ def test_stream_on_cuda_equals_convert(tmp_path: Path) -> None:
     from safetensors import safe_open
 
     from dsv4_nvfp4.checkpoint.c_stream import LayoutCStream
-    from dsv4_nvfp4.checkpoint.convert import Target, execute, plan
+    from dsv4_nvfp4.checkpoint.convert_exec import execute
+    from dsv4_nvfp4.checkpoint.convert_plan import Target, plan
     from dsv4_nvfp4.checkpoint.layouts import Layout
     from dsv4_nvfp4.checkpoint.tiny import write_tiny
 

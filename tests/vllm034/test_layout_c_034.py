@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 import torch
 
-from dsv4_nvfp4.checkpoint.convert import Target, execute, plan
+from dsv4_nvfp4.checkpoint.convert_exec import execute
+from dsv4_nvfp4.checkpoint.convert_plan import Target, plan
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.tiny import build, tiny_dims_config, write_tiny
 

@@ -18,7 +18,8 @@ from .errors import QuantizeCheckError
 def convert_to_layout_b(export_dir: Path, out_dir: Path, mtp_from: Path | None,
                         dense: str, progress: bool) -> list[str]:
     """``dsv4-nvfp4 convert EXPORT OUT --to nvidia-nvfp4`` in process; returns its warnings."""
-    from ..checkpoint.convert import Target, execute, plan
+    from ..checkpoint.convert_exec import execute
+    from ..checkpoint.convert_plan import Target, plan
     from ..checkpoint.errors import CheckpointError
     from ..checkpoint.transforms import DenseMode
     from ..formats import FormatError
