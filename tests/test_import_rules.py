@@ -23,6 +23,7 @@ PROBE_PATH = [
     PKG / "cli.py",
     PKG / "serving" / "__init__.py",
     PKG / "serving" / "probe.py",
+    PKG / "serving" / "loading_stage.py",
 ]
 
 #: package → the packages of ours it may import (``versions`` is everyone's).

@@ -6,6 +6,9 @@ Why two probes, and why three kinds of "unhealthy":
   profiled and the graphs are captured (15-90 min for DeepSeek V4 Pro). Until
   then a probe gets *connection refused*: the server is **still loading**, and an
   orchestrator must keep waiting (compose ``start_period``), not restart it.
+  The line then names the start-up stage (weights being read, shard i of n;
+  or no checkpoint file open: compiling, profiling, capturing graphs), read
+  from the server's processes (:mod:`dsv4_nvfp4.serving.loading_stage`).
 * ``/health`` answers 503 once the engine core has died (``EngineDeadError``):
   the **engine is dead**, restart the container.
 * ``/health`` can stay 200 after a GPU fault (reported upstream against vLLM),
@@ -49,6 +52,8 @@ import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
+
+from dsv4_nvfp4.serving import loading_stage
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Whole-probe deadlines in seconds. ready's must end before compose's healthcheck
@@ -307,11 +312,12 @@ def _live(url: str, deadline: _Deadline) -> ProbeResult:
     try:
         resp = _request(where, "/health", deadline)
     except _Refused:
+        stage = loading_stage.describe(loading_stage.vllm_processes())
         return ProbeResult(
             False,
             LOADING,
             f"connection refused at {base} (the server opens its port "
-            "only after loading weights and starting the engine)",
+            f"only after loading weights and starting the engine); stage: {stage}",
         )
     except _NoAnswer as err:
         return ProbeResult(False, UNREACHABLE, f"GET /health: {err}")
