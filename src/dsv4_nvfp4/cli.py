@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "verify": "dsv4_nvfp4.checkpoint.verify",
     "convert": "dsv4_nvfp4.checkpoint.convert",
     "tiny": "dsv4_nvfp4.checkpoint.tiny",
+    "lock": "dsv4_nvfp4.checkpoint.lock",
     "quantize": "dsv4_nvfp4.quantize.command",
     "serve": "dsv4_nvfp4.launch.serve",
     "health": "dsv4_nvfp4.serving.probe",

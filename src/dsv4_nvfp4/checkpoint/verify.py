@@ -549,8 +549,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("verify", help="lint a checkpoint (exit 0 clean, 1 findings, "
                               "2 unusable)", description=__doc__.split("\n\n")[0])
     p.add_argument("path", type=Path)
-    p.add_argument("--against", type=Path, metavar="ORIGINAL",
-                   help="also require mtp.* byte-identical to this checkpoint")
+    p.add_argument("--against", type=Path, metavar="ORIGINAL|LOCK",
+                   help="a checkpoint directory: also require mtp.* byte-identical to it; "
+                   "a lock file (dsv4-nvfp4 lock): first require every file's SHA-256 to match")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-values", action="store_true",
                    help="headers and config only (with --no-hash: seconds, even for 900 GB)")
@@ -561,6 +562,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from .lock import check_against_lock, is_lock_path
+
+    if args.against is not None and is_lock_path(args.against):  # --against LOCK (lock.py)
+        try:
+            code = check_against_lock(args.path, args.against, progress=sys.stderr.isatty(),
+                                      out=sys.stderr if args.json else sys.stdout)
+        except CheckpointError as e:
+            return fail(str(e))
+        if code:
+            return code
+        args.against = None
     try:
         rep = verify(args.path, args.against, not args.no_values,
                      progress=not args.json and sys.stderr.isatty(),
