@@ -23,7 +23,7 @@ from dsv4_nvfp4.checkpoint.convert_plan import Target, plan
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.names import deepseek_to_c, is_mtp
 from dsv4_nvfp4.checkpoint.reader import TensorReader, open_checkpoint
-from dsv4_nvfp4.checkpoint.schema import Storage, expert_parts
+from dsv4_nvfp4.checkpoint.schema import Storage, expert_key
 from dsv4_nvfp4.checkpoint.tiny import write_tiny
 from dsv4_nvfp4.checkpoint.transforms import DenseMode, c_to_b_module, convert_parts
 from dsv4_nvfp4.checkpoint.verify import verify
@@ -104,7 +104,7 @@ def assert_experts_copied_from_c(b: dict[str, torch.Tensor], c: dict[str, torch.
     n_exp = 0
     for name in b:
         mod, _, part = name.rpartition(".")
-        ep = expert_parts(mod)
+        ep = expert_key(mod)
         if ep and not is_mtp(mod):
             assert_bitwise_equal(b[name], c[f"{_c(mod)}.{part}"], name)
             n_exp += 1
@@ -227,7 +227,7 @@ def test_a_to_b_lossless_cast(outs: dict[str, Path], tinies: dict[str, Path]) ->
     a, b, bb = _tensors(tinies["A"]), _tensors(outs["AB"]), _tensors(tinies["B"])
     for name in a:
         mod, _, part = name.rpartition(".")
-        ep = expert_parts(mod)
+        ep = expert_key(mod)
         if ep is None or is_mtp(mod):
             assert_bitwise_equal(b[name], a[name], name)  # everything else byte-identical
             continue

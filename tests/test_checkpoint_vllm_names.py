@@ -15,7 +15,7 @@ import pytest
 
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.names import is_mtp
-from dsv4_nvfp4.checkpoint.schema import expert_parts
+from dsv4_nvfp4.checkpoint.schema import expert_key
 from dsv4_nvfp4.checkpoint.tiny import build, tiny_dims_config
 
 pytestmark = pytest.mark.cpu
@@ -43,7 +43,7 @@ def test_layout_b_names_land_on_vllm_parameters() -> None:
             continue
         assert mapped is not None and mapped.startswith(("model.", "lm_head.")), name
         mod = name.rpartition(".")[0]
-        if expert_parts(mod) is not None:
+        if expert_key(mod) is not None:
             hits = [(p, w) for p, w, _, _ in mapping if w in mapped]
             assert len(hits) == 1, (name, hits)
             param = mapped.replace(hits[0][1], hits[0][0])

@@ -39,7 +39,7 @@ from .errors import CheckpointError
 from .layouts import Layout, LayoutContext, detect, storage_for
 from .names import c_to_deepseek
 from .reader import open_checkpoint
-from .schema import NVFP4_PARTS, Module, Role, expert_parts, role_of, storage_suffixes
+from .schema import NVFP4_PARTS, Module, Role, expert_key, role_of, storage_suffixes
 from .transforms import DenseMode, c_to_b_module, check_w13_global_scales
 
 
@@ -193,15 +193,15 @@ class LayoutCStream:
 
     def _check_gate_up(self, seen: dict[tuple[str, int], dict[int, tuple[str, torch.Tensor]]],
                        m: Module, name: str, tensor: torch.Tensor) -> None:
-        ep = expert_parts(m.name)
-        if ep is None or ep[2] == 2:
+        expert = expert_key(m.name)
+        if expert is None or not expert.gate_or_up:
             return
-        pair = seen.setdefault((ep[0], ep[1]), {})
-        pair[ep[2]] = (name, tensor)
+        pair = seen.setdefault(expert.expert_id, {})
+        pair[expert.proj] = (name, tensor)
         if len(pair) == 2:
             (gate_name, gate), (up_name, up) = pair[1], pair[3]
             check_w13_global_scales(gate_name, gate, up_name, up, self.where)
-            del seen[(ep[0], ep[1])]
+            del seen[expert.expert_id]
 
 
 def _rank(err: ConversionError) -> float:

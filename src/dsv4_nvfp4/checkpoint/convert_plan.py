@@ -41,7 +41,7 @@ from .reader import (
     expected_nbytes,
     open_checkpoint,
 )
-from .schema import Module, Storage, expand, expert_parts, modules
+from .schema import Module, Storage, expand, expert_key, modules
 from .transforms import (
     DenseMode,
     b_context,
@@ -287,9 +287,9 @@ def plan(src_path: Path, target: Target, dense: DenseMode = DenseMode.FP8,
     with TensorReader() as r:
         pairs: dict[tuple[str, int], dict[int, Module]] = {}
         for m in mods:
-            ep = expert_parts(m.name)
-            if ep and ep[2] in (1, 3):
-                pairs.setdefault((ep[0], ep[1]), {})[ep[2]] = m
+            expert = expert_key(m.name)
+            if expert and expert.gate_or_up:
+                pairs.setdefault(expert.expert_id, {})[expert.proj] = m
         for m in mods:
             s_st = storage_for(layout, m, src_ctx)
             d_st = storage_for(dst_layout, m, dst_ctx)
@@ -297,12 +297,12 @@ def plan(src_path: Path, target: Target, dense: DenseMode = DenseMode.FP8,
             base = stored_name(layout, m.name) or m.name
             if s_st is Storage.MXFP4 and d_st is Storage.NVFP4:
                 assert scales is not None
-                ep = expert_parts(m.name)
-                assert ep is not None
-                if ep[2] == 3:
+                expert = expert_key(m.name)
+                assert expert is not None
+                if expert.proj == 3:
                     continue  # converted with its w1
-                group = [pairs[(ep[0], ep[1])][1], pairs[(ep[0], ep[1])][3]] if ep[2] == 1 \
-                    else [m]
+                w13 = pairs[expert.expert_id]
+                group = [w13[1], w13[3]] if expert.proj == 1 else [m]
                 for g in group:
                     info = scales.tensors.get(f"{g.name}.input_scale")
                     if info is None:
@@ -343,10 +343,10 @@ def plan(src_path: Path, target: Target, dense: DenseMode = DenseMode.FP8,
 def _check_c_w13(r: TensorReader, m: Module, ck: Checkpoint,
                  pairs: dict[tuple[str, int], dict[int, Module]]) -> None:
     """C experts are copied bit-identical, so gate/up must already share weight_scale_2."""
-    ep = expert_parts(m.name)
-    if not ep or ep[2] != 1:
+    expert = expert_key(m.name)
+    if not expert or expert.proj != 1:
         return
-    w3 = pairs[(ep[0], ep[1])][3]
+    w3 = pairs[expert.expert_id][3]
     a = ck.tensors[f"{stored_name(Layout.C, m.name)}.weight_scale_2"]
     b = ck.tensors[f"{stored_name(Layout.C, w3.name)}.weight_scale_2"]
     check_w13_global_scales(a.name, r.read(a), b.name, r.read(b), b.file.name)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from .errors import CheckpointError
 from .expert_quant import experts_are_nvfp4, experts_module_of
 from .names import deepseek_to_c, is_mtp, vllm_module
-from .schema import Module, Role, Storage, TensorSpec, expand, expert_parts, is_wo_a
+from .schema import Module, Role, Storage, TensorSpec, expand, expert_key, is_wo_a
 
 
 class Layout(enum.Enum):
@@ -206,7 +206,7 @@ def detect(names: set[str] | list[str], config: dict) -> Layout:
     for n in names:
         any_ds = any_ds or n.startswith(("layers.", "embed.", "mtp."))
         mod, _, part = n.rpartition(".")
-        if expert_parts(mod) is None or is_mtp(mod):
+        if expert_key(mod) is None or is_mtp(mod):
             continue
         experts_any += 1
         if part == "weight_scale":

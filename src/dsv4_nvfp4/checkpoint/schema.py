@@ -19,6 +19,7 @@ import enum
 import re
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 from dsv4_nvfp4.formats import FP8_BLOCK, MXFP4_GROUP, NVFP4_GROUP
 
@@ -200,10 +201,31 @@ _EXPERT_RE = re.compile(
     r"^(?P<block>(?:layers|mtp)\.\d+)\.ffn\.experts\.(?P<e>\d+)\.w(?P<w>[123])$")
 
 
-def expert_parts(name: str) -> tuple[str, int, int] | None:
-    """``(block, expert, 1|2|3)`` of a routed-expert module name, else None."""
+class ExpertKey(NamedTuple):
+    """One routed-expert linear, by its DeepSeek module name's parts.
+
+    ``layers.3.ffn.experts.7.w1`` is ``ExpertKey("layers.3", 7, 1)``.
+    """
+
+    block: str  # "layers.N" or "mtp.N"
+    expert: int
+    proj: int  # DeepSeek's w1 (gate), w2 (down) or w3 (up): 1, 2 or 3
+
+    @property
+    def gate_or_up(self) -> bool:
+        """w1 or w3: the two halves of the fused w13 GEMM, which share one ``weight_scale_2``."""
+        return self.proj in (1, 3)
+
+    @property
+    def expert_id(self) -> tuple[str, int]:
+        """``(block, expert)``: what an expert's w1, w2 and w3 have in common."""
+        return self.block, self.expert
+
+
+def expert_key(name: str) -> ExpertKey | None:
+    """The :class:`ExpertKey` of a routed-expert module name, else None."""
     m = _EXPERT_RE.match(name)
-    return (m.group("block"), int(m.group("e")), int(m.group("w"))) if m else None
+    return ExpertKey(m.group("block"), int(m.group("e")), int(m.group("w"))) if m else None
 
 
 def is_wo_a(name: str) -> bool:

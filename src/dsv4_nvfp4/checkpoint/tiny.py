@@ -57,7 +57,7 @@ from .quant_config import (
     c_hf_quant_config,
     c_quantization_config,
 )
-from .schema import Module, Storage, expert_parts, modules
+from .schema import Module, Storage, expert_key, modules
 from .writer import write_shard, write_text_atomic
 
 E8M0 = torch.float8_e8m0fnu
@@ -128,25 +128,25 @@ def build_b(cfg: dict, sd: dict[str, torch.Tensor], seed: int = 0
     act: dict[tuple[str, int], torch.Tensor] = {}
     by_expert: dict[tuple[str, int], dict[int, Module]] = {}
     for m in mods:
-        ep = expert_parts(m.name)
-        if ep and not is_mtp(m.name):
-            by_expert.setdefault((ep[0], ep[1]), {})[ep[2]] = m
+        expert = expert_key(m.name)
+        if expert and not is_mtp(m.name):
+            by_expert.setdefault(expert.expert_id, {})[expert.proj] = m
     for m in mods:
-        ep = expert_parts(m.name)
-        if ep is None or is_mtp(m.name):
+        expert = expert_key(m.name)
+        if expert is None or is_mtp(m.name):
             keys = [m.name] if m.bare else [k for k in a if k.rpartition(".")[0] == m.name]
             for k in keys:
                 out[k] = a[k]
             continue
-        block, e, w = ep
-        group = [1, 3] if w in (1, 3) else [2]
+        group = [1, 3] if expert.gate_or_up else [2]
+        linears = by_expert[expert.expert_id]
         refs = {
-            j: dequantize_mxfp4(a[f"{by_expert[(block, e)][j].name}.weight"].view(torch.uint8),
-                                a[f"{by_expert[(block, e)][j].name}.scale"]).to(torch.bfloat16)
+            j: dequantize_mxfp4(a[f"{linears[j].name}.weight"].view(torch.uint8),
+                                a[f"{linears[j].name}.scale"]).to(torch.bfloat16)
             for j in group}
         ws2 = nvfp4_global_scale_from_amax(max(float(r.abs().amax()) for r in refs.values()))
-        t = quantize_nvfp4_weight(refs[w], ws2)
-        key = (block, 13 if w in (1, 3) else 2)
+        t = quantize_nvfp4_weight(refs[expert.proj], ws2)
+        key = (expert.block, 13 if expert.gate_or_up else 2)
         if key not in act:
             act[key] = _input_scales(gen)
         _emit(out, m.name, m, {"weight": t.packed, "weight_scale": t.block_scale,
@@ -171,17 +171,17 @@ def _c_groups(m: Module) -> str:
         return f"{block}:q_lora"
     if tail in ("ffn.shared_experts.w1", "ffn.shared_experts.w3"):
         return f"{block}:shared_w13"
-    ep = expert_parts(name)
-    if ep and ep[2] in (1, 3):
-        return f"{block}:expert{ep[1]}_w13"
+    expert = expert_key(name)
+    if expert and expert.gate_or_up:
+        return f"{block}:expert{expert.expert}_w13"
     return name
 
 
 def _c_act_group(m: Module) -> str:
     """The ``input_scale`` group: as :func:`_c_groups`, but all experts of a layer share one."""
-    ep = expert_parts(m.name)
-    if ep:
-        return f"{ep[0]}:experts_w{'13' if ep[2] in (1, 3) else '2'}"
+    expert = expert_key(m.name)
+    if expert:
+        return f"{expert.block}:experts_w{'13' if expert.gate_or_up else '2'}"
     return _c_groups(m)
 
 

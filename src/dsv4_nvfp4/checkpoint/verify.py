@@ -58,7 +58,7 @@ from .layouts import (
 )
 from .names import is_mtp, layer_of, vllm_module
 from .reader import INDEX_NAME, Checkpoint, TensorInfo, TensorReader, open_checkpoint
-from .schema import ALL_PARTS, Module, Role, Storage, TensorSpec, expand, expert_parts, modules
+from .schema import ALL_PARTS, Module, Role, Storage, TensorSpec, expand, expert_key, modules
 from .transforms import w13_global_scales_agree
 
 MAX_LINES_PER_CHECK = 20
@@ -390,10 +390,10 @@ def values(ck: Checkpoint, layout: Layout, states: list[ModuleState], progress: 
                     mx = float(ts["weight_scale"].view(torch.float8_e4m3fn).float().max())
                     if key not in group_max or mx > group_max[key][0]:
                         group_max[key] = (mx, info)
-                ep = expert_parts(s.module.name)
-                if ep and ep[2] in (1, 3):
-                    w13.setdefault((ep[0], ep[1]), {})[ep[2]] = (ts["weight_scale_2"],
-                                                                s.tensors["weight_scale_2"])
+                expert = expert_key(s.module.name)
+                if expert and expert.gate_or_up:
+                    w13.setdefault(expert.expert_id, {})[expert.proj] = (
+                        ts["weight_scale_2"], s.tensors["weight_scale_2"])
             elif s.storage is Storage.MXFP4:
                 out += [_finding(s.tensors["scale"], p)
                         for p in checks.mxfp4_values(ts["weight"], ts["scale"])]
