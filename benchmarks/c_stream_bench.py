@@ -33,7 +33,7 @@ from dsv4_nvfp4.checkpoint.layouts import Layout, LayoutContext, storage_for, st
 from dsv4_nvfp4.checkpoint.quant_config import c_quantization_config
 from dsv4_nvfp4.checkpoint.schema import Role, Storage, expand, modules
 from dsv4_nvfp4.checkpoint.tiny import c_exclude
-from dsv4_nvfp4.checkpoint.tiny_model import tiny_config
+from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_config
 
 # V4 Pro's shapes as convert_bench.py uses them; two layers, few experts (renamed bytes)
 SHAPES = {**PRO_SHAPES, "n_routed_experts": 8, "num_hidden_layers": 2,

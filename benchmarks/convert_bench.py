@@ -41,7 +41,7 @@ from dsv4_nvfp4.checkpoint.quant_config import c_hf_quant_config, c_quantization
 from dsv4_nvfp4.checkpoint.reader import DTYPES, expected_nbytes
 from dsv4_nvfp4.checkpoint.schema import modules
 from dsv4_nvfp4.checkpoint.tiny import c_exclude
-from dsv4_nvfp4.checkpoint.tiny_model import tiny_config
+from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_config
 from dsv4_nvfp4.checkpoint.writer import ShardWriter
 
 PRO_SHAPES = {

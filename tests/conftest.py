@@ -64,7 +64,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_bf16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The servable tiny BF16 checkpoint (no MTP), written once per session."""
-    from dsv4_nvfp4.checkpoint.tiny_model import write_tiny_bf16
+    from dsv4_nvfp4.checkpoint.tiny_bf16 import write_tiny_bf16
 
     return write_tiny_bf16(tmp_path_factory.mktemp("tiny-bf16"), mtp=False, seed=0)
 

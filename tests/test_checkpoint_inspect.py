@@ -13,7 +13,7 @@ from dsv4_nvfp4.checkpoint import inspect as inspect_mod
 from dsv4_nvfp4.checkpoint import tiny as tiny_mod
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.reader import TensorReader, open_checkpoint
-from dsv4_nvfp4.checkpoint.tiny_model import tiny_config, tiny_state_dict
+from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_config, tiny_state_dict
 
 pytestmark = pytest.mark.cpu
 

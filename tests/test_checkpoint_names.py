@@ -15,7 +15,7 @@ from dsv4_nvfp4.checkpoint.errors import CheckpointError
 from dsv4_nvfp4.checkpoint.layouts import Layout, expected_tensors
 from dsv4_nvfp4.checkpoint.reader import TORCH_TO_ST
 from dsv4_nvfp4.checkpoint.tiny import tiny_dims_config
-from dsv4_nvfp4.checkpoint.tiny_model import tiny_state_dict
+from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_state_dict
 
 pytestmark = pytest.mark.cpu
 
@@ -25,7 +25,7 @@ CONFIGS = {f"{'cpu' if cpu else 'test'}{'+mtp' if mtp else ''}": tiny_dims_confi
 
 @pytest.mark.parametrize("which", sorted(CONFIGS))
 def test_schema_matches_the_tiny_state_dict_exactly(which: str) -> None:
-    """Names, shapes and dtypes from the config equal tiny_model's state dict, tensor for tensor."""
+    """Names, shapes and dtypes from the config equal tiny_bf16's state dict, tensor for tensor."""
     cfg = CONFIGS[which]
     sd = tiny_state_dict(cfg)
     exp = expected_tensors(Layout.BF16, schema.modules(dims_from_config(cfg)))

@@ -21,7 +21,7 @@ from test_plugin_helpers import engine_config
 from dsv4_nvfp4.checkpoint.config import dims_from_config, to_deepseek_config
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.tiny import build, tiny_dims_config, write_tiny
-from dsv4_nvfp4.checkpoint.tiny_model import tiny_config
+from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_config
 from dsv4_nvfp4.versions import pin
 
 pytestmark = pytest.mark.cpu

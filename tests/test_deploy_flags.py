@@ -63,7 +63,7 @@ def model_dir(tmp_path_factory) -> Path:
     imported: the serve flags have no --trust-remote-code, and vLLM must build
     everything from its in-tree DeepSeek V4 classes without running it.
     """
-    from dsv4_nvfp4.checkpoint.tiny_model import tiny_config, tokenizer_files
+    from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_config, tokenizer_files
 
     out = tmp_path_factory.mktemp("dsv4_config_only")
     cfg = tiny_config(mtp=True)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dsv4_nvfp4.checkpoint.tiny_model import tiny_config
+from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_config
 
 LAYOUT_B_EXCLUDE = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
 

@@ -112,7 +112,7 @@ def test_cpu_mapper_keeps_expert_input_scale(model_config) -> None:  # type: ign
 def test_cpu_mapper_unchanged_for_the_tiny_bf16_checkpoint() -> None:
     from vllm.models.deepseek_v4.cpu.model import _make_deepseek_v4_weights_mapper
 
-    from dsv4_nvfp4.checkpoint.tiny_model import tiny_config, tiny_state_dict
+    from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_config, tiny_state_dict
     from dsv4_nvfp4.vllm_plugin.deepseek_v4 import keep_expert_input_scale
 
     stock = _make_deepseek_v4_weights_mapper("fp4")
@@ -128,7 +128,7 @@ def test_tiny_model_generates_through_the_overlay(tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import sys
         from vllm import LLM, SamplingParams
-        from dsv4_nvfp4.checkpoint.tiny_model import write_tiny_bf16
+        from dsv4_nvfp4.checkpoint.tiny_bf16 import write_tiny_bf16
 
         def main():
             d = write_tiny_bf16(sys.argv[1])

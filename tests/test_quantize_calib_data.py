@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv4_nvfp4.checkpoint.tiny_model import tokenizer_files
+from dsv4_nvfp4.checkpoint.tiny_bf16 import tokenizer_files
 from dsv4_nvfp4.quantize.calib_data import (
     build_calibration,
     conversation_mode,

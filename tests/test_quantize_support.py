@@ -7,7 +7,7 @@ feature the traps depend on — hash and learned routers, a CSA layer with an
 indexer and an HCA layer, ``o_groups`` 2 (the grouped ``o_a_proj``), shared
 experts, hyper-connections, one MTP block — at sizes where a calibration
 pass takes a fraction of a second. Names and dtypes are the DeepSeek-native
-BF16 ones (from ``tiny_model.tiny_state_dict``), so transformers loads it
+BF16 ones (from ``tiny_bf16.tiny_state_dict``), so transformers loads it
 through its conversion mapping exactly like a real converted checkpoint.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.tiny import build, write_checkpoint
-from dsv4_nvfp4.checkpoint.tiny_model import tiny_config
+from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_config
 
 SMALL = {
     "hidden_size": 64, "num_attention_heads": 2, "head_dim": 64, "qk_rope_head_dim": 32,

@@ -1,4 +1,4 @@
-"""The tiny BF16 DeepSeek V4 (checkpoint/tiny_model.py): reproducible, complete, servable dims.
+"""The tiny BF16 DeepSeek V4 (checkpoint/tiny_bf16.py): reproducible, complete, servable dims.
 
 That vLLM loads and serves it is proven by the real-server tests (conftest's
 ``tiny_server``); these check what a loader cannot: determinism, the MTP
@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from dsv4_nvfp4.checkpoint import tiny_model as tm
+from dsv4_nvfp4.checkpoint import tiny_bf16 as tm
 
 
 @pytest.mark.cpu

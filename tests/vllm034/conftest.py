@@ -80,7 +80,7 @@ def dsv4_config(mtp: bool = True, **overrides: Any) -> dict:
     ``rope_scaling`` entries may be overridden with a ``rope_scaling`` dict; it
     is merged into the tiny model's, not substituted.
     """
-    from dsv4_nvfp4.checkpoint.tiny_model import tiny_config
+    from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_config
 
     cfg = tiny_config(mtp=mtp)
     rope = overrides.pop("rope_scaling", None)
@@ -100,7 +100,7 @@ PRO_SHAPED = {"num_attention_heads": 8, "o_groups": 8, "max_position_embeddings"
 def dsv4_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: ``dsv4_config_dir(name, mtp=True, **overrides)`` writes a config-only
     tiny DeepSeek V4 directory (config.json + tokenizer files, no weights)."""
-    from dsv4_nvfp4.checkpoint.tiny_model import tokenizer_files
+    from dsv4_nvfp4.checkpoint.tiny_bf16 import tokenizer_files
 
     def write(name: str = "dsv4", mtp: bool = True, **overrides: Any) -> Path:
         out = tmp_path_factory.mktemp(name)

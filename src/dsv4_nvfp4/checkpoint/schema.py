@@ -9,7 +9,7 @@ writes it — one description, three users.
 
 Module list and shapes: the DeepSeek-native names of the official checkpoint's
 ``model.safetensors.index.json`` and vLLM's DeepSeek V4 model, mirrored by
-``tiny_model.tiny_state_dict``; a test checks the two agree. Storage per
+``tiny_bf16.tiny_state_dict``; a test checks the two agree. Storage per
 layout: :mod:`.layouts`.
 """
 

@@ -1,6 +1,6 @@
 """``dsv4-nvfp4 tiny OUT --layout A|B|C|bf16``: small random checkpoints of every layout.
 
-All four are derived from one BF16 state dict (``tiny_model.tiny_state_dict``)
+All four are derived from one BF16 state dict (``tiny_bf16.tiny_state_dict``)
 through ``dsv4_nvfp4.formats``, each the way its real producer makes it:
 
 * A: DeepSeek's release — dense linears FP8 with UE8M0 128×128 scales, routed
@@ -45,7 +45,7 @@ from dsv4_nvfp4.formats import (
     quantize_nvfp4_weight,
 )
 
-from . import tiny_model
+from . import tiny_bf16
 from .config import dims_from_config, to_transformers_config
 from .errors import CheckpointError, fail
 from .layouts import Layout, LayoutContext, storage_for, stored_name
@@ -74,7 +74,7 @@ C_RECIPES = ("full", "experts")
 
 
 def tiny_dims_config(mtp: bool, cpu_servable: bool) -> dict:
-    cfg = tiny_model.tiny_config(mtp=mtp)
+    cfg = tiny_bf16.tiny_config(mtp=mtp)
     if not cpu_servable:
         cfg.update(TEST_OVERRIDES)
     return cfg
@@ -241,7 +241,7 @@ def build(layout: Layout, cfg: dict, seed: int = 0, recipe: str = "full"
     if recipe != "full" and layout is not Layout.C:
         raise CheckpointError(f"--recipe {recipe}: expected --layout C (the recipe of a ModelOpt "
                               f"export), found --layout {layout.name}")
-    sd = tiny_model.tiny_state_dict(cfg, seed=seed)
+    sd = tiny_bf16.tiny_state_dict(cfg, seed=seed)
     if layout is Layout.BF16:
         return sd, dict(cfg), {}
     if layout is Layout.A:
@@ -300,7 +300,7 @@ def write_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: di
     for name, content in side.items():
         write_text_atomic(out_dir / name, json.dumps(content, indent=2) + "\n")
     if tokenizer:
-        for name, text in tiny_model.tokenizer_files().items():
+        for name, text in tiny_bf16.tokenizer_files().items():
             write_text_atomic(out_dir / name, text)
     gen = {"bos_token_id": config.get("bos_token_id", 0), "eos_token_id":
            config.get("eos_token_id", 1)}
