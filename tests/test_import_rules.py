@@ -51,24 +51,36 @@ ALLOWED_THIRD = {
 VLLM_ALLOWED_FILES = {"deploy/doctor.py"}  # the image's self-check of its vLLM install
 
 
-def imports(path: Path, package_root: Path = PKG) -> list[tuple[str, bool]]:
-    """``(absolute module, at module level?)`` for every import in ``path``."""
+def import_statements(path: Path, package_root: Path = PKG
+                      ) -> list[tuple[ast.Import | ast.ImportFrom, str, bool]]:
+    """``(statement, absolute module, at module level?)`` for every import in ``path``."""
     rel = path.relative_to(package_root.parent)
     package = list(rel.with_suffix("").parts[:-1])
     tree = ast.parse(path.read_text())
     top = {id(n) for n in tree.body}
-    out = []
+    out: list[tuple[ast.Import | ast.ImportFrom, str, bool]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out += [(a.name, id(node) in top) for a in node.names]
+            out += [(node, a.name, id(node) in top) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1]
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
-            out.append((name, id(node) in top))
-    return [(m, t) for m, t in out if m != "__future__"]
+            out.append((node, name, id(node) in top))
+    return [(n, m, t) for n, m, t in out if m != "__future__"]
+
+
+def imports(path: Path, package_root: Path = PKG) -> list[tuple[str, bool]]:
+    """``(absolute module, at module level?)`` for every import in ``path``."""
+    return [(m, t) for _, m, t in import_statements(path, package_root)]
+
+
+def module_name(path: Path) -> str:
+    """``src/dsv4_nvfp4/vllm_plugin/__init__.py`` → ``dsv4_nvfp4.vllm_plugin``."""
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def package_of(path: Path) -> str:
@@ -140,3 +152,36 @@ def test_the_rules_catch_a_violation(tmp_path: Path) -> None:
     fake.parent.mkdir(parents=True)
     fake.write_text("from ..checkpoint import layouts\n\ndef f():\n    import vllm\n")
     assert imports(fake, root) == [("dsv4_nvfp4.checkpoint", True), ("vllm", False)]
+
+
+def test_no_import_cycle_between_our_modules() -> None:
+    """No module of ours reaches itself through its imports (inside functions included):
+    modules in a cycle can be neither read nor tested nor moved one without the other."""
+    paths = {module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        targets = set()
+        for node, module, _ in import_statements(path):
+            targets.add(module)  # `from pkg import submodule` imports the submodule too:
+            if isinstance(node, ast.ImportFrom):
+                targets |= {f"{module}.{a.name}" for a in node.names}
+        # a parent package is imported before any of its modules anyway: not an edge
+        graph[name] = {t for t in targets if t in paths and t != name
+                       and not name.startswith(t + ".")}
+    done: set[str] = set()
+
+    def cycle_from(name: str, path: list[str]) -> list[str] | None:
+        if name in path:
+            return [*path[path.index(name):], name]
+        if name in done:
+            return None
+        for target in sorted(graph[name]):
+            found = cycle_from(target, [*path, name])
+            if found:
+                return found
+        done.add(name)
+        return None
+
+    for name in sorted(graph):
+        cycle = cycle_from(name, [])
+        assert cycle is None, " -> ".join(cycle)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv4_nvfp4.vllm_plugin.patch_register import PATCH_MARKER, all_patches, when_imported
+from dsv4_nvfp4.vllm_plugin.patch_register import all_patches, when_imported
+from dsv4_nvfp4.vllm_plugin.runtime_patch import PATCH_MARKER
 
 pytestmark = pytest.mark.cpu
 

@@ -23,7 +23,8 @@ import torch
 
 from dsv4_nvfp4.kernels import megamoe_staging
 from dsv4_nvfp4.vllm_plugin import staging_patch
-from dsv4_nvfp4.vllm_plugin.patch_register import PATCH_MARKER, _apply_now, all_patches
+from dsv4_nvfp4.vllm_plugin.patch_register import _apply_now, all_patches
+from dsv4_nvfp4.vllm_plugin.runtime_patch import PATCH_MARKER
 
 
 @pytest.fixture

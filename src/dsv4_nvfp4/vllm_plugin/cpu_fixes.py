@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
-from dsv4_nvfp4.vllm_plugin.patch_register import Patch, mark
+from dsv4_nvfp4.vllm_plugin.runtime_patch import Patch, mark
 
 CPU_MLA_MODULE = "vllm.models.deepseek_v4.cpu.cpu_mla"
 SPARSE_SWA_MODULE = "vllm.v1.attention.backends.mla.sparse_swa"

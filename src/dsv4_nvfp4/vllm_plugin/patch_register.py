@@ -23,61 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
+from dsv4_nvfp4.vllm_plugin.cpu_fixes import CPU_TILE_SCHEDULER_PATCH
+from dsv4_nvfp4.vllm_plugin.runtime_patch import Patch, is_patched
+from dsv4_nvfp4.vllm_plugin.staging_patch import MEGAMOE_STAGING_PATCH
+
 logger = logging.getLogger("vllm.dsv4_nvfp4.patches")
-
-#: Attribute set on a wrapper so that applying a patch twice is a no-op.
-PATCH_MARKER = "__dsv4_nvfp4_patch__"
-
-
-@dataclass(frozen=True)
-class Patch:
-    """One runtime patch of a vLLM symbol.
-
-    Attributes:
-        name: short id, used in logs and tests.
-        module: dotted module that owns ``symbol``.
-        symbol: ``Class.method`` or ``function`` inside ``module``.
-        why: what breaks without it.
-        upstream: upstream issue/PR (or "not filed" with the reason).
-        remove_when: the condition under which this entry is deleted.
-        active: called at apply time; False skips the patch (e.g. not the CPU platform).
-        apply: called with the imported module; installs the wrapper.
-    """
-
-    name: str
-    module: str
-    symbol: str
-    why: str
-    upstream: str
-    remove_when: str
-    active: Callable[[], bool]
-    apply: Callable[[ModuleType], None]
-
-
-def resolve_symbol(module: ModuleType, symbol: str) -> tuple[object, str]:
-    """Return ``(owner, attribute)`` for ``symbol`` inside ``module`` (``A.b`` -> (A, "b"))."""
-    owner: object = module
-    *path, attr = symbol.split(".")
-    for part in path:
-        owner = getattr(owner, part)
-    return owner, attr
-
-
-def is_patched(module: ModuleType, symbol: str) -> bool:
-    """True when ``symbol`` in ``module`` is one of our wrappers."""
-    owner, attr = resolve_symbol(module, symbol)
-    return bool(getattr(getattr(owner, attr, None), PATCH_MARKER, False))
-
-
-def mark(wrapper: Callable, original: Callable, patch_name: str) -> Callable:
-    """Tag ``wrapper`` as our patch of ``original`` (kept reachable as ``__wrapped__``)."""
-    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
-    setattr(wrapper, PATCH_MARKER, patch_name)
-    wrapper.__name__ = getattr(original, "__name__", wrapper.__name__)
-    wrapper.__qualname__ = getattr(original, "__qualname__", wrapper.__qualname__)
-    wrapper.__doc__ = getattr(original, "__doc__", None)
-    return wrapper
-
 
 def _apply_now(patch: Patch, module: ModuleType) -> bool:
     """Apply ``patch`` to an imported module; returns True if it is (now) in place."""
@@ -198,7 +148,4 @@ def all_scoped() -> tuple[ScopedSubstitution, ...]:
 
 def all_patches() -> tuple[Patch, ...]:
     """Every patch the plugin knows, in application order."""
-    from dsv4_nvfp4.vllm_plugin.cpu_fixes import CPU_TILE_SCHEDULER_PATCH
-    from dsv4_nvfp4.vllm_plugin.staging_patch import MEGAMOE_STAGING_PATCH
-
     return (CPU_TILE_SCHEDULER_PATCH, MEGAMOE_STAGING_PATCH)

@@ -20,7 +20,7 @@ import logging
 import os
 from types import ModuleType
 
-from dsv4_nvfp4.vllm_plugin.patch_register import Patch, mark
+from dsv4_nvfp4.vllm_plugin.runtime_patch import Patch, mark
 
 logger = logging.getLogger("vllm.dsv4_nvfp4.staging")
 
