@@ -67,28 +67,47 @@ def run_compose(
     root: Path,
     args: list[str],
     env_file: Path | None = None,
-    compose_file: Path | None = None,
+    compose_file: Path | list[Path] | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`docker compose --env-file ENV -f FILE ARGS` with a clean environment.
+    """`docker compose --env-file ENV -f FILE [-f FILE...] ARGS` with a clean environment.
 
     The caller's environment is left out on purpose: Compose lets process
     variables override the env file, so a stray `TAG` or `MODEL_DIR` in CI
     would change what is validated. `extra_env` adds variables explicitly.
+    A list of files is layered in order, as `COMPOSE_FILE` layers them.
     """
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root)}
     env.update(extra_env or {})
+    files = compose_file if isinstance(compose_file, list) else [
+        compose_file or root / COMPOSE_FILE]
     cmd = [
         str(compose_binary()),
         "--project-directory",
         str(root),
         "--env-file",
         str(env_file or root / ENV_EXAMPLE),
-        "-f",
-        str(compose_file or root / COMPOSE_FILE),
+        *(arg for f in files for arg in ("-f", str(f))),
         *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
+
+
+#: Example values for the variables a multi-node role requires (.env.example has
+#: them commented out): `make lint` validates the roles with these.
+ROLE_EXAMPLE_ENV = {"DATA_PARALLEL_ADDRESS": "10.0.0.1", "DATA_PARALLEL_START_RANK": "8"}
+
+
+def run_profile_configs(root: Path) -> dict[str, subprocess.CompletedProcess[str]]:
+    """`docker compose config --quiet` of every profile's and role's layered files."""
+    from dsv4_nvfp4.deploy.profiles import PROFILES
+
+    return {
+        f"docker compose config ({profile.compose_file_value})": run_compose(
+            root, ["config", "--quiet"], compose_file=[root / f for f in profile.files],
+            extra_env=ROLE_EXAMPLE_ENV if profile.multinode else None)
+        for profile in PROFILES.values() if profile.override is not None
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             f"docker compose config ({COMPOSE_FILE} + {ENV_EXAMPLE})": run_compose(
                 root, ["config", "--quiet"]
             ),
+            **run_profile_configs(root),
         }
     except ToolMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
