@@ -79,11 +79,30 @@ push: ## Push [REGISTRY/]IMAGE:TAG (`make build push REGISTRY=...`); records it 
 # compose.yaml reads .env; `make up` passes the same DSV4_IMAGE (see above).
 COMPOSE ?= $(DOCKER) compose
 
-.PHONY: up down logs ps verify
+.PHONY: up down logs ps verify preflight
 PLACEHOLDER_API_KEY := change-me
-up: ## Start the server in the background (docker compose up -d); wait with `make ps`
+up: ## Start the server in the background (docker compose up -d) after `make preflight` (PREFLIGHT=0 skips it); wait with `make ps`
 	@test "$(strip $(VLLM_API_KEY))" != "$(PLACEHOLDER_API_KEY)" || { echo "make up: VLLM_API_KEY is the .env.example placeholder ($(PLACEHOLDER_API_KEY)); set a secret key in .env" >&2; exit 2; }
+	$(if $(filter 0,$(PREFLIGHT)),@echo "make up: preflight skipped (PREFLIGHT=0)",$(PREFLIGHT_RUN))
 	DSV4_IMAGE=$(DSV4_IMAGE) $(COMPOSE) up -d
+
+# `dsv4-nvfp4 preflight` in the server's own container: `compose run` of the vllm
+# service gets its GPUs, ipc, ulimits, model mount and cache volumes (and none of
+# its restart policy), plus compose.yaml read-only so the checks read the serve
+# flags and the health-check budget, and MAX_MODEL_LEN as .env sets it. Minutes,
+# where the start is an hour. LOCK=locks/NAME.json also compares the checkpoint's
+# file names and sizes with that lock; PREFLIGHT_ARGS adds flags (--jit off, ...).
+PREFLIGHT ?= 1
+PREFLIGHT_ARGS ?=
+LOCK ?=
+PREFLIGHT_RUN = DSV4_IMAGE=$(DSV4_IMAGE) $(COMPOSE) run --rm --no-deps -T \
+	-v "$(CURDIR)/compose.yaml":/etc/dsv4-nvfp4/compose.yaml:ro \
+	$(if $(LOCK),-v "$(abspath $(LOCK))":/etc/dsv4-nvfp4/lock.json:ro) \
+	-e MAX_MODEL_LEN=$(MAX_MODEL_LEN) --entrypoint dsv4-nvfp4 vllm preflight --model-dir /model \
+	--compose-file /etc/dsv4-nvfp4/compose.yaml $(if $(LOCK),--lock /etc/dsv4-nvfp4/lock.json) $(PREFLIGHT_ARGS)
+
+preflight: ## Driver, 8 SM100 GPUs, free HBM, shm/memlock, checkpoint, storage speed, MegaMoE JIT: in the server's container
+	$(PREFLIGHT_RUN)
 
 # The checkpoint linter with nothing but Docker: the image's own dsv4-nvfp4, the
 # model directory read-only, no network. (Without the image: `pip install .`

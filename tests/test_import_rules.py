@@ -35,7 +35,7 @@ ALLOWED_OURS = {
     "vllm_plugin": {"checkpoint", "formats", "kernels"},
     "serving": set(),
     "launch": {"serving", "deploy"},
-    "deploy": {"formats"},
+    "deploy": {"formats", "checkpoint"},  # preflight: verify's quick mode and the lock check
 }
 #: package → third-party top-level modules it may import.
 ALLOWED_THIRD = {

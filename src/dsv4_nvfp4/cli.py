@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "acceptance": "dsv4_nvfp4.serving.acceptance",
     "demo": "dsv4_nvfp4.launch.demo",
     "doctor": "dsv4_nvfp4.deploy.doctor",
+    "preflight": "dsv4_nvfp4.deploy.preflight",
 }
 
 
