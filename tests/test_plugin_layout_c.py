@@ -130,26 +130,25 @@ def test_mtp_draft_is_refused_with_one_line(dirs) -> None:  # type: ignore[no-un
     assert line in str(e.value)
 
 
-class _RecordingBase(torch.nn.Module):
-    """Stands in for vLLM's platform model class; records what its loader receives."""
-
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__()
-        self.received: dict[str, torch.Tensor] = {}
-
-    def load_weights(self, weights: Any) -> set[str]:
-        for name, t in weights:
-            self.received[name] = t
-        return set(self.received)
-
-
 @pytest.mark.parametrize("name", ["C", "B"])
-def test_overlay_load_weights_gets_layout_b(dirs, name: str) -> None:  # type: ignore[no-untyped-def]
-    from dsv4_nvfp4.vllm_plugin.deepseek_v4 import build_overlay_classes
+def test_overlay_load_weights_gets_layout_b(dirs, name: str,  # type: ignore[no-untyped-def]
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlay's ``load_weights`` hands vLLM's loader (recorded here) the layout-B stream."""
+    import vllm.models.deepseek_v4 as vllm_v4
 
-    cls = build_overlay_classes(_RecordingBase, _RecordingBase)["DeepseekV4ForCausalLM"]
-    model = cls(vllm_config=engine_config(dirs[name]))
+    from dsv4_nvfp4.vllm_plugin.deepseek_v4 import DeepseekV4ForCausalLM
+
+    received: dict[str, torch.Tensor] = {}
+
+    def record(self: Any, weights: Any) -> set[str]:
+        received.update(weights)
+        return set(received)
+
+    monkeypatch.setattr(vllm_v4.DeepseekV4ForCausalLM, "load_weights", record)
+    model = object.__new__(DeepseekV4ForCausalLM)  # the weight path only: no model built
+    model.dsv4_model_config = engine_config(dirs[name]).model_config
+    model.dsv4_mega_moe = False
     loaded = model.load_weights(shard_stream(dirs[name]))
     want = dict(shard_stream(dirs["B"]))
     assert loaded == set(want)
-    assert_same_tensors(model.received, want)
+    assert_same_tensors(received, want)

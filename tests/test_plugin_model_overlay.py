@@ -26,8 +26,6 @@ from test_plugin_helpers import (
 
 pytestmark = pytest.mark.cpu
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def model_config(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
@@ -141,8 +139,9 @@ def test_tiny_model_generates_through_the_overlay(tmp_path: Path) -> None:
             main()
     """)
     (tmp_path / "run.py").write_text(script)
-    env = {**os.environ, "DSV4_CPU_TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO / "scripts" / "cpu_shim"), "VLLM_LOGGING_LEVEL": "INFO"}
+    from dsv4_nvfp4.launch.vllm_process import cpu_shim_env
+
+    env = {**os.environ, **cpu_shim_env(), "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "tiny")],
                           capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     log = proc.stdout + proc.stderr

@@ -78,7 +78,7 @@ def test_vllm_loader_discovers_and_runs_register_once() -> None:
                              "config_parser:hf, patch:cpu_tile_scheduler_keys, "
                              "patch:megamoe_nvfp4_staging")
     # vLLM's "hf" config parser is ours (it hands every non-layout-C config to vLLM's)
-    assert lines["parser"] == "parser_class.<locals>.Dsv4Nvfp4ConfigParser"
+    assert lines["parser"] == "Dsv4Nvfp4ConfigParser"
     # the model class is registered lazily (module:Class), not imported at plugin load
     assert lines["lazy"] == ("_LazyRegisteredModel(module_name='dsv4_nvfp4.vllm_plugin."
                              "deepseek_v4', class_name='DeepseekV4ForCausalLM')")

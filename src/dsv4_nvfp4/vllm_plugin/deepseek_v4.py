@@ -4,9 +4,10 @@
 ``DeepSeekV4MTPModel`` here (``ModelRegistry.register_model``, lazy
 ``module:Class`` strings). The classes subclass whatever
 ``vllm.models.deepseek_v4`` picked for the current platform (``nvidia/``,
-``cpu/``, ``amd/``, ``xpu/``), and are built on first attribute access (PEP 562
-``__getattr__``), so importing this module costs nothing and the class is
-importable by reference (pickle, vLLM's registry subprocess).
+``cpu/``, ``amd/``, ``xpu/``). This module imports vLLM at its top, so nothing of
+ours imports it: only vLLM's registry does, when it builds the model — and the
+classes, defined at module level, are importable by reference (pickle, vLLM's
+registry subprocess).
 
 What the subclasses add:
 
@@ -31,9 +32,11 @@ import contextlib
 import dataclasses
 import re
 from collections.abc import Iterable
-from functools import cache
 from typing import Any
 
+import vllm.models.deepseek_v4 as vllm_v4
+
+from dsv4_nvfp4.vllm_plugin.layout_c import layout_b_weights, serves_layout_c
 from dsv4_nvfp4.vllm_plugin.mega_moe import (
     NVIDIA_MODEL_MODULE,
     nvfp4_scope,
@@ -42,7 +45,8 @@ from dsv4_nvfp4.vllm_plugin.mega_moe import (
     without_unused_input_scales,
 )
 
-CLASS_NAMES = ("DeepseekV4ForCausalLM", "DeepSeekV4MTP")
+#: Did vLLM pick its NVIDIA model for this platform (the only one with a MegaMoE)?
+NVIDIA = vllm_v4.DeepseekV4ForCausalLM.__module__ == NVIDIA_MODEL_MODULE
 
 # Expert input scales keep their name; every other ``.input_scale`` still gets
 # the CPU mapper's ``_2`` suffix.
@@ -61,75 +65,59 @@ def keep_expert_input_scale(mapper: Any) -> Any:
     return dataclasses.replace(mapper, orig_to_new_suffix=suffix, orig_to_new_regex=regex)
 
 
-def mega_scope(vllm_config: Any, nvidia: bool, what: str) -> contextlib.AbstractContextManager:
+def mega_scope(vllm_config: Any, what: str) -> contextlib.AbstractContextManager:
     """The NVFP4 MegaMoE scope when vLLM builds MegaMoE experts here, else a no-op."""
-    if nvidia and uses_mega_moe(vllm_config):
+    if NVIDIA and uses_mega_moe(vllm_config):
         return nvfp4_scope(vllm_config, what)
     return contextlib.nullcontext()
 
 
-@cache
-def _classes() -> dict[str, type]:
-    import vllm.models.deepseek_v4 as v4
+def main_model_weights(model_config: Any, mega_moe: bool, weights: Iterable[tuple[str, Any]]
+                       ) -> Iterable[tuple[str, Any]]:
+    """What the main model's loader gets: a layout-C stream converted to layout B as it
+    streams in; on the MegaMoE, without the FC1 input scales that kernel does not use."""
+    hf = model_config.hf_config
+    if serves_layout_c(hf):
+        weights = layout_b_weights(model_config, weights)
+    if mega_moe:
+        weights = without_unused_input_scales(weights, quant_cfg_of(hf))
+    return weights
 
-    return build_overlay_classes(v4.DeepseekV4ForCausalLM, v4.DeepSeekV4MTP)
+
+class DeepseekV4ForCausalLM(vllm_v4.DeepseekV4ForCausalLM):  # type: ignore[misc, valid-type]
+    """vLLM's DeepSeek V4 for this platform, plus NVFP4 MegaMoE selection and layout C."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        with mega_scope(vllm_config, "main model"):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        mapper = getattr(self, "hf_to_vllm_mapper", None)
+        if not NVIDIA and mapper is not None:
+            self.hf_to_vllm_mapper = keep_expert_input_scale(mapper)
+        self.dsv4_model_config = vllm_config.model_config
+        self.dsv4_mega_moe = NVIDIA and uses_mega_moe(vllm_config)
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        """vLLM's loader; layout C streams in through C -> B, MegaMoE drops FC1 scales."""
+        return super().load_weights(
+            main_model_weights(self.dsv4_model_config, self.dsv4_mega_moe, weights))
 
 
-def build_overlay_classes(base: type, mtp_base: type) -> dict[str, type]:
-    """Our subclasses of vLLM's platform classes ``base`` / ``mtp_base`` (see module docstring)."""
-    nvidia = base.__module__ == NVIDIA_MODEL_MODULE
+if NVIDIA:
 
-    class DeepseekV4ForCausalLM(base):  # type: ignore[misc, valid-type]
-        """vLLM's DeepSeek V4 for this platform, plus NVFP4 MegaMoE selection and layout C."""
+    class DeepSeekV4MTP(vllm_v4.DeepSeekV4MTP):  # type: ignore[misc, valid-type]
+        """vLLM's V4 MTP draft; on MegaMoE its layer gets the format its checkpoint has."""
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-            with mega_scope(vllm_config, nvidia, "main model"):
+            with mega_scope(vllm_config, "MTP draft"):
                 super().__init__(vllm_config=vllm_config, prefix=prefix)
-            mapper = getattr(self, "hf_to_vllm_mapper", None)
-            if not nvidia and mapper is not None:
-                self.hf_to_vllm_mapper = keep_expert_input_scale(mapper)
-            self.dsv4_model_config = vllm_config.model_config
-            self.dsv4_mega_moe = nvidia and uses_mega_moe(vllm_config)
+            self.dsv4_hf_config = vllm_config.model_config.hf_config
+            self.dsv4_mega_moe = uses_mega_moe(vllm_config)
 
         def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-            """vLLM's loader; layout C streams in through C -> B, MegaMoE drops FC1 scales."""
-            from dsv4_nvfp4.vllm_plugin.layout_c import layout_b_weights, serves_layout_c
-
-            hf = self.dsv4_model_config.hf_config
-            if serves_layout_c(hf):
-                weights = layout_b_weights(self.dsv4_model_config, weights)
             if self.dsv4_mega_moe:
-                weights = without_unused_input_scales(weights, quant_cfg_of(hf))
+                weights = without_unused_input_scales(weights,
+                                                      quant_cfg_of(self.dsv4_hf_config))
             return super().load_weights(weights)
 
-    out: dict[str, type] = {"DeepseekV4ForCausalLM": DeepseekV4ForCausalLM}
-    if nvidia:
-
-        class DeepSeekV4MTP(mtp_base):  # type: ignore[misc, valid-type]
-            """vLLM's V4 MTP draft; on MegaMoE its layer gets the format its checkpoint has."""
-
-            def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-                with mega_scope(vllm_config, nvidia, "MTP draft"):
-                    super().__init__(vllm_config=vllm_config, prefix=prefix)
-                self.dsv4_hf_config = vllm_config.model_config.hf_config
-                self.dsv4_mega_moe = uses_mega_moe(vllm_config)
-
-            def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-                if self.dsv4_mega_moe:
-                    weights = without_unused_input_scales(weights,
-                                                          quant_cfg_of(self.dsv4_hf_config))
-                return super().load_weights(weights)
-
-        out["DeepSeekV4MTP"] = DeepSeekV4MTP
-    else:
-        out["DeepSeekV4MTP"] = mtp_base  # CPU/XPU/ROCm: vLLM's own, unchanged
-    for name, cls in out.items():
-        if cls.__module__ == __name__:  # ours: importable as deepseek_v4.<name>
-            cls.__qualname__ = name
-    return out
-
-
-def __getattr__(name: str) -> type:
-    if name in CLASS_NAMES:
-        return _classes()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+else:
+    DeepSeekV4MTP = vllm_v4.DeepSeekV4MTP  # CPU/XPU/ROCm: vLLM's own, unchanged

@@ -14,11 +14,11 @@ converted while they stream in. Two seams, one implementation:
 
 1. **Config.** vLLM's ``hf`` config parser is replaced (its public
    ``register_config_parser``; vLLM logs that it was overwritten) by a subclass
-   that hands every config to vLLM's own parser, except a DeepSeek V4 config
-   whose ``quantization_config`` is ModelOpt's (``quant_method: modelopt`` —
-   layout C). For that one it returns the config ``convert`` would write
-   (:func:`dsv4_nvfp4.checkpoint.transforms.c_to_b_config`: DeepSeek dialect,
-   ``expert_dtype: fp4``, layout B's ``quantization_config``), marked with
+   (:mod:`.layout_c_parser`) that hands every config to vLLM's own parser,
+   except a DeepSeek V4 config whose ``quantization_config`` is ModelOpt's
+   (``quant_method: modelopt`` — layout C). For that one it returns the config
+   ``convert`` would write (:func:`dsv4_nvfp4.checkpoint.transforms.c_to_b_config`:
+   DeepSeek dialect, ``expert_dtype: fp4``, layout B's ``quantization_config``), marked with
    ``dsv4_nvfp4_source_layout: "C"``, built as the config class the running
    vLLM builds for ``deepseek_v4`` (:func:`deepseek_v4_config_class`).
    Returning the layout-B *dict* matters: ``get_config`` sets
@@ -37,7 +37,6 @@ with one line naming ``convert --mtp-from``.
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import os
@@ -115,44 +114,6 @@ def layout_b_view(config_dict: dict[str, Any]) -> dict[str, Any]:
     b_config, _ = c_to_b_config(config_dict)
     b_config[SOURCE_KEY] = "C"
     return b_config
-
-
-@functools.cache
-def parser_class() -> type:
-    """vLLM's ``HFConfigParser`` plus the layout-C view (see the module docstring)."""
-    import huggingface_hub
-    from transformers import PretrainedConfig
-    from vllm.transformers_utils.config import HFConfigParser
-
-    class Dsv4Nvfp4ConfigParser(HFConfigParser):
-        """vLLM's HF config parser; a layout-C DeepSeek V4 config comes back as layout B."""
-
-        def parse(self, model: str | Path, trust_remote_code: bool, revision: str | None = None,
-                  code_revision: str | None = None, **kwargs: Any
-                  ) -> tuple[dict[str, Any], Any]:
-            read_kwargs = {k: v for k, v in kwargs.items()
-                           if k not in ("hf_overrides", "trust_remote_code")}
-            read_kwargs["local_files_only"] = huggingface_hub.constants.HF_HUB_OFFLINE
-            config_dict, _ = PretrainedConfig.get_config_dict(
-                model, revision=revision, code_revision=code_revision, **read_kwargs)
-            if not is_layout_c_config(config_dict):
-                return super().parse(model, trust_remote_code, revision, code_revision, **kwargs)
-            if is_mtp_draft(kwargs.get("hf_overrides")):
-                raise ValueError(mtp_refusal(str(model)))
-            b_config = layout_b_view(config_dict)
-            # from_dict keeps (and transformers' rope validation edits) the dicts it is given
-            config = deepseek_v4_config_class().from_dict(copy.deepcopy(b_config),
-                                                          name_or_path=str(model))
-            logger.info("dsv4_nvfp4: %s is layout C (ModelOpt full-NVFP4 export); vLLM serves it "
-                        "as layout B, converting each module as it loads (no MTP layer)", model)
-            return b_config, config
-
-    return Dsv4Nvfp4ConfigParser
-
-
-def register_parser(module: Any) -> None:
-    """Post-import hook body for ``vllm.transformers_utils.config``."""
-    module.register_config_parser(CONFIG_FORMAT)(parser_class())
 
 
 def serves_layout_c(hf_config: Any) -> bool:

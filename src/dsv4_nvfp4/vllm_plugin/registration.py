@@ -4,12 +4,14 @@
   (``ModelRegistry.register_model`` with lazy ``module:Class`` strings);
 * the checkpoint-aware ``deepseek_v4_fp8`` quantization config
   (:mod:`.quant_config`), registered when vLLM imports its base class;
-* the layout-C config parser (:mod:`.layout_c`), registered as vLLM's ``hf``
+* the layout-C config parser (:mod:`.layout_c_parser`), registered as vLLM's ``hf``
   parser when vLLM imports ``vllm.transformers_utils.config``;
 * the runtime patches of :mod:`.patch_register`, applied when their module is imported.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 from dsv4_nvfp4.vllm_plugin.patch_register import all_patches, install, when_imported
 
@@ -40,8 +42,15 @@ def register_quant_config() -> list[str]:
 def register_layout_c_parser() -> list[str]:
     from dsv4_nvfp4.vllm_plugin import layout_c
 
-    when_imported("vllm.transformers_utils.config", layout_c.register_parser)
+    when_imported("vllm.transformers_utils.config", _install_layout_c_parser)
     return [f"config_parser:{layout_c.CONFIG_FORMAT}"]
+
+
+def _install_layout_c_parser(module: ModuleType) -> None:
+    # imported here: layout_c_parser subclasses a class of ``module`` at its top
+    from dsv4_nvfp4.vllm_plugin.layout_c_parser import register_parser
+
+    register_parser(module)
 
 
 def register_all() -> list[str]:
