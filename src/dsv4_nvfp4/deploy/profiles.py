@@ -201,8 +201,8 @@ def _as_env_mapping(value: object) -> dict[str, object]:
 
 def layered_service(root: Path, profile: Profile, service: str = dc.SERVICE) -> dict:
     """`services.<service>` of the profile's files merged the way Compose merges them,
-    for the keys the launcher reads: `command` and `entrypoint` replaced by a later
-    file, `environment` merged key by key; `!reset` drops a key, `!override` replaces it."""
+    for the keys read here: `command` replaced by a later file, `environment` and
+    `healthcheck` merged key by key; `!reset` drops a key, `!override` replaces it."""
     merged: dict = {}
     for name in profile.files:
         path = root / name
@@ -219,6 +219,8 @@ def layered_service(root: Path, profile: Profile, service: str = dc.SERVICE) -> 
                 merged[key] = value.value
             elif key == "environment":
                 merged[key] = {**_as_env_mapping(merged.get(key)), **_as_env_mapping(value)}
+            elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}  # e.g. healthcheck: test replaced
             else:
                 merged[key] = value
     return merged
