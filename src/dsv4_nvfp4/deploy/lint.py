@@ -110,6 +110,17 @@ def run_profile_configs(root: Path) -> dict[str, subprocess.CompletedProcess[str
     }
 
 
+K8S_DIR = Path("deploy") / "k8s"
+
+
+def run_k8s_validate(root: Path) -> subprocess.CompletedProcess[str]:
+    """deploy/k8s/validate.py on every manifest there: the Kubernetes API schema
+    (kubernetes-validate, from `make setup`) and our LeaderWorkerSet schema, offline."""
+    manifests = sorted((root / K8S_DIR).glob("*.yaml"))
+    cmd = [sys.executable, str(root / K8S_DIR / "validate.py"), *map(str, manifests)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m dsv4_nvfp4.deploy.lint [ROOT]`: hadolint + compose config; exit 1 on findings."""
     args = sys.argv[1:] if argv is None else argv
@@ -122,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 root, ["config", "--quiet"]
             ),
             **run_profile_configs(root),
+            f"kubernetes manifests ({K8S_DIR})": run_k8s_validate(root),
         }
     except ToolMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
