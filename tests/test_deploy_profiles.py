@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -240,3 +241,62 @@ def test_env_example_documents_every_variable_and_choice():
 def test_unknown_profile_is_one_line():
     with pytest.raises(dc.ComposeError, match="unknown profile 'fast'; one of: latency"):
         pr.get("fast")
+
+
+# ------------------------------------------------ `dsv4-nvfp4 serve` on bare metal
+
+SERVE_ENV = {"VLLM_API_KEY": "k", **lint.ROLE_EXAMPLE_ENV}
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text("{}")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["throughput", "kv-offload", "multinode-leader"])
+def test_serve_runs_a_profile_with_its_compose_flags_and_environment(model_dir: Path,
+                                                                     name: str):
+    from dsv4_nvfp4.launch import serve
+
+    cfg = serve.build_server_config(model_dir, profile=name, environ=SERVE_ENV)
+    expected = pr.serve_command(name, ROOT, environ=SERVE_ENV)
+    assert list(cfg.serve_args) == expected.flags
+    assert cfg.env == pr.service_environment(name, ROOT, environ=SERVE_ENV)
+
+
+def test_serve_follows_compose_file_like_compose_does(model_dir: Path):
+    from dsv4_nvfp4.launch import serve
+
+    env = {**SERVE_ENV, "COMPOSE_FILE": pr.PROFILES["throughput"].compose_file_value}
+    cfg = serve.build_server_config(model_dir, environ=env)
+    assert dc.flag_value(cfg.serve_args, "--data-parallel-size") == "8"
+    # The CPU demo serves compose.yaml's flags whatever .env selects.
+    cpu = serve.build_server_config(model_dir, cpu=True, environ=env)
+    assert not dc.has_flag(cpu.serve_args, "--data-parallel-size")
+    with pytest.raises(serve.ServeError, match=r"--cpu serves compose\.yaml's latency flags"):
+        serve.build_server_config(model_dir, cpu=True, profile="throughput", environ=env)
+
+
+def test_serve_refuses_megamoe_across_nodes_and_a_headless_server(model_dir: Path):
+    from dsv4_nvfp4.launch import serve
+
+    env = {**SERVE_ENV, "MULTINODE_MOE_BACKEND": "deep_gemm_mega_moe"}
+    with pytest.raises(serve.ServeError, match="one NVLink domain"):
+        serve.build_server_config(model_dir, profile="multinode-leader", environ=env)
+    with pytest.raises(serve.ServeError, match="headless"):
+        serve.build_server_config(model_dir, profile="multinode-worker", environ=SERVE_ENV)
+
+
+def test_serve_runs_a_worker_as_vllm_serve_headless(model_dir: Path, capsys, monkeypatch):
+    from dsv4_nvfp4.cli import main as cli_main
+
+    for key, value in SERVE_ENV.items():
+        monkeypatch.setenv(key, value)
+    code = cli_main(["serve", "--profile", "multinode-worker", "--model-dir", str(model_dir),
+                     "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and "VLLM_API_KEY=..." in out and "=k " not in out
+    argv = shlex.split(out.split(" -m ", 1)[1])
+    assert argv[:3] == ["vllm.entrypoints.cli.main", "serve", str(model_dir)]
+    assert argv[3:] == pr.serve_command("multinode-worker", ROOT, environ=SERVE_ENV).flags
