@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 from dsv4_nvfp4.checkpoint.config import dims_from_config, to_transformers_config
-from dsv4_nvfp4.checkpoint.layouts import Layout, LayoutContext, expected_tensors
+from dsv4_nvfp4.checkpoint.layouts import Layout, LayoutContext, storage_for, stored_name
 from dsv4_nvfp4.checkpoint.quant_config import c_hf_quant_config, c_quantization_config
 from dsv4_nvfp4.checkpoint.reader import DTYPES, expected_nbytes
-from dsv4_nvfp4.checkpoint.schema import modules
+from dsv4_nvfp4.checkpoint.schema import expand, modules
 from dsv4_nvfp4.checkpoint.tiny import c_exclude
 from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_config
 from dsv4_nvfp4.checkpoint.writer import ShardWriter
@@ -69,12 +69,15 @@ def write_synthetic_c(root: Path, n_layers: int, n_experts: int, recipe: str = "
     root.mkdir(parents=True)
     cfg = synth_config(n_layers, n_experts)
     exclude = c_exclude(n_layers, recipe)
-    exp = expected_tensors(Layout.C, modules(dims_from_config(cfg), mtp=False),
-                           LayoutContext(c_exclude=tuple(exclude)))
+    ctx = LayoutContext(c_exclude=tuple(exclude))
+    # every tensor layout C holds, by on-disk name, in module order
+    entries = [(s.name, s.dtypes[0], s.shape)
+               for m in modules(dims_from_config(cfg), mtp=False)
+               if (base := stored_name(Layout.C, m.name)) is not None
+               for s in expand(storage_for(Layout.C, m, ctx), m, base)]
     gen = torch.Generator().manual_seed(0)
     pool = torch.randint(0, 256, (POOL,), dtype=torch.uint8, generator=gen)
     scale_pool = torch.randint(0x30, 0x7F, (POOL,), dtype=torch.uint8, generator=gen)
-    entries = [(n, e.spec.dtypes[0], e.spec.shape) for n, e in exp.items()]
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     used = 0
     for ent in entries:

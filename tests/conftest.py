@@ -64,9 +64,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_bf16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The servable tiny BF16 checkpoint (no MTP), written once per session."""
-    from dsv4_nvfp4.checkpoint.tiny_bf16 import write_tiny_bf16
+    from dsv4_nvfp4.checkpoint.layouts import Layout
+    from dsv4_nvfp4.checkpoint.tiny import write_tiny
 
-    return write_tiny_bf16(tmp_path_factory.mktemp("tiny-bf16"), mtp=False, seed=0)
+    return write_tiny(tmp_path_factory.mktemp("tiny-bf16"), Layout.BF16, cpu_servable=True)
 
 
 @pytest.fixture(scope="session")

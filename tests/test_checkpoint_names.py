@@ -12,7 +12,7 @@ from dsv4_nvfp4.checkpoint.config import (
     to_transformers_config,
 )
 from dsv4_nvfp4.checkpoint.errors import CheckpointError
-from dsv4_nvfp4.checkpoint.layouts import Layout, expected_tensors
+from dsv4_nvfp4.checkpoint.layouts import Layout, storage_for
 from dsv4_nvfp4.checkpoint.reader import TORCH_TO_ST
 from dsv4_nvfp4.checkpoint.tiny import tiny_dims_config
 from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_state_dict
@@ -28,11 +28,12 @@ def test_schema_matches_the_tiny_state_dict_exactly(which: str) -> None:
     """Names, shapes and dtypes from the config equal tiny_bf16's state dict, tensor for tensor."""
     cfg = CONFIGS[which]
     sd = tiny_state_dict(cfg)
-    exp = expected_tensors(Layout.BF16, schema.modules(dims_from_config(cfg)))
+    exp = {s.name: s for m in schema.modules(dims_from_config(cfg))
+           for s in schema.expand(storage_for(Layout.BF16, m), m)}
     assert sorted(exp) == sorted(sd)
-    for name, e in exp.items():
-        assert tuple(sd[name].shape) == e.spec.shape, name
-        assert TORCH_TO_ST[sd[name].dtype] in e.spec.dtypes, name
+    for name, spec in exp.items():
+        assert tuple(sd[name].shape) == spec.shape, name
+        assert TORCH_TO_ST[sd[name].dtype] in spec.dtypes, name
 
 
 @pytest.mark.parametrize("which", sorted(CONFIGS))

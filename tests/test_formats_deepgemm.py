@@ -1,5 +1,5 @@
-"""DeepGEMM scale-factor/weight layouts and the 128x4 swizzle, against sgl-deep-gemm's
-pure-torch helpers and the published test vectors."""
+"""DeepGEMM scale-factor/weight layouts, against sgl-deep-gemm's pure-torch helpers and
+the published test vectors."""
 
 from __future__ import annotations
 
@@ -17,12 +17,9 @@ from dsv4_nvfp4.formats import (
     nvfp4_sf_to_deepgemm,
     pack_sf_bytes_to_int32,
     quantize_nvfp4_weight,
-    swizzle_128x4,
-    swizzle_128x4_offset,
     to_mn_major_tma_aligned,
     transform_nvfp4_for_mega_moe,
     unpack_sf_int32_to_bytes,
-    unswizzle_128x4,
     untransform_nvfp4_from_mega_moe,
     utccp_transpose_sf,
     utccp_untranspose_sf,
@@ -144,17 +141,3 @@ def test_mega_moe_transform_at_dsv4_pro_shapes_matches_sgl(dsv4_experts):
     for got, want, name in zip(back, (w13.packed, w13.block_scale, w2.packed, w2.block_scale),
                                ("w13", "w13_sf", "w2", "w2_sf"), strict=True):
         assert_bitwise_equal(got, want, f"inverse {name}")
-
-
-def test_swizzle_128x4_test_vectors_and_formula():
-    assert swizzle_128x4_offset(5, 2, 8) == 82
-    assert swizzle_128x4_offset(5, 5, 8) == 593
-    m, g = 300, 13
-    b = torch.randint(1, 255, (m, g), generator=torch.Generator().manual_seed(12),
-                      dtype=torch.uint8)
-    flat = swizzle_128x4(b)
-    assert flat.numel() == 3 * 128 * 4 * 4
-    for mi, ki in [(0, 0), (5, 2), (37, 11), (299, 12), (128, 4), (255, 7)]:
-        assert int(flat[swizzle_128x4_offset(mi, ki, g)]) == int(b[mi, ki])
-    assert torch.equal(unswizzle_128x4(flat, m, g), b)
-    assert int(flat.sum()) == int(b.to(torch.int64).sum())  # padding is zeros

@@ -126,10 +126,11 @@ def test_tiny_model_generates_through_the_overlay(tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import sys
         from vllm import LLM, SamplingParams
-        from dsv4_nvfp4.checkpoint.tiny_bf16 import write_tiny_bf16
+        from dsv4_nvfp4.checkpoint.layouts import Layout
+        from dsv4_nvfp4.checkpoint.tiny import write_tiny
 
         def main():
-            d = write_tiny_bf16(sys.argv[1])
+            d = write_tiny(sys.argv[1], Layout.BF16, cpu_servable=True)
             llm = LLM(model=str(d), max_model_len=512, enforce_eager=True,
                       kv_cache_memory_bytes=64 << 20, max_num_seqs=1)
             out = llm.generate(["hello"], SamplingParams(max_tokens=4, temperature=0))

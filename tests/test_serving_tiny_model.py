@@ -94,19 +94,19 @@ def test_tokenizer_special_ids_and_markup_survive_decoding() -> None:
 
 
 @pytest.mark.cpu
-def test_write_tiny_bf16_files(tmp_path) -> None:
+def test_the_tiny_command_writes_this_model(tmp_path) -> None:
+    """``dsv4-nvfp4 tiny --layout bf16 --cpu-servable`` writes exactly this model."""
     from safetensors.torch import load_file
 
-    out = tm.write_tiny_bf16(tmp_path / "t", mtp=True, seed=3)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ]
+    from dsv4_nvfp4.checkpoint.layouts import Layout
+    from dsv4_nvfp4.checkpoint.tiny import write_tiny
+
+    out = write_tiny(tmp_path / "t", Layout.BF16, mtp=True, cpu_servable=True, seed=3)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= names
     assert json.loads((out / "config.json").read_text()) == tm.tiny_config(mtp=True)
-    loaded = load_file(out / "model.safetensors")
+    loaded = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
     expected = tm.tiny_state_dict(tm.tiny_config(mtp=True), seed=3)
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)

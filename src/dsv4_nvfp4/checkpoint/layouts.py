@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from .errors import CheckpointError
 from .expert_quant import experts_are_nvfp4, experts_module_of
 from .names import deepseek_to_c, is_mtp, vllm_module
-from .schema import Module, Role, Storage, TensorSpec, expand, expert_key, is_wo_a
+from .schema import Module, Role, Storage, expert_key, is_wo_a
 
 
 class Layout(enum.Enum):
@@ -168,27 +168,6 @@ def stored_name(layout: Layout, name: str) -> str | None:
     if layout is Layout.C:
         return deepseek_to_c(name)
     return name
-
-
-@dataclass(frozen=True)
-class Expected:
-    spec: TensorSpec
-    module: Module
-    storage: Storage
-
-
-def expected_tensors(layout: Layout, mods: list[Module], ctx: LayoutContext | None = None
-                     ) -> dict[str, Expected]:
-    """Every tensor ``layout`` must hold for these modules, by on-disk name."""
-    out: dict[str, Expected] = {}
-    for m in mods:
-        name = stored_name(layout, m.name)
-        if name is None:
-            continue
-        st = storage_for(layout, m, ctx)
-        for spec in expand(st, m, name):
-            out[spec.name] = Expected(spec, m, st)
-    return out
 
 
 def _is_c_name(n: str) -> bool:

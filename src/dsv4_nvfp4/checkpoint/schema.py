@@ -24,7 +24,7 @@ from typing import NamedTuple
 from dsv4_nvfp4.formats import FP8_BLOCK, MXFP4_GROUP, NVFP4_GROUP
 
 from .config import Dims
-from .names import index_shape, is_mtp
+from .names import index_shape
 
 
 class Role(enum.Enum):
@@ -230,10 +230,6 @@ def expert_key(name: str) -> ExpertKey | None:
 
 def is_wo_a(name: str) -> bool:
     return name.endswith(".attn.wo_a")
-
-
-def mtp_modules(mods: list[Module]) -> list[Module]:
-    return [m for m in mods if is_mtp(m.name)]
 
 
 _ROLE_RULES: tuple[tuple[re.Pattern[str], Role], ...] = tuple(

@@ -7,20 +7,19 @@ state dict under the DeepSeek-native tensor names (the names of the official
 checkpoint, before vLLM's weights mapper), and a small byte-level BPE tokenizer
 carrying the DeepSeek V4 special tokens, trained on text generated here (no
 download). Layouts A/B/C of the checkpoint toolkit are derived from this BF16
-state dict; ``write_tiny_bf16`` writes the servable BF16 directory itself.
+state dict; ``dsv4-nvfp4 tiny --layout bf16 --cpu-servable`` (:mod:`.tiny`) writes
+the servable BF16 directory itself.
 
-Import-light on purpose: only torch at import time; ``tokenizers`` and
-``safetensors`` are imported inside the functions that need them.
+Import-light on purpose: only torch at import time; ``tokenizers`` is imported
+inside the function that needs it.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 from functools import cache
-from pathlib import Path
 
 import torch
 
@@ -377,37 +376,3 @@ def tokenizer_files() -> dict[str, str]:
         "tokenizer.json": _tokenizer_json(),
         "tokenizer_config.json": json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
     }
-
-
-# --- writing --------------------------------------------------------------------
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_tiny_bf16(out_dir: str | os.PathLike, mtp: bool = False, seed: int = 0) -> Path:
-    """Write the servable tiny BF16 checkpoint: config, generation config, tokenizer, weights.
-
-    Every file goes to a hidden temporary name first and is renamed when
-    complete, so an interrupted run never leaves a file that looks finished.
-    Returns the directory.
-    """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config(mtp=mtp)
-    tensors = tiny_state_dict(cfg, seed=seed)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.chmod(0o644)
-    os.replace(tmp, out / "model.safetensors")
-    for name, text in tokenizer_files().items():
-        _write_text_atomic(out / name, text)
-    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
-    _write_text_atomic(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
-    _write_text_atomic(out / "config.json", json.dumps(cfg, indent=2) + "\n")
-    return out

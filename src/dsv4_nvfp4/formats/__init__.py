@@ -53,11 +53,9 @@ from .scales import (
     decode_ue4m3,
     decode_ue8m0,
     encode_ue4m3,
-    encode_ue8m0_pow2,
     ue8m0_bytes,
     ue8m0_exponent_for_amax,
 )
-from .swizzle import SfLayout, swizzle_128x4, swizzle_128x4_offset, unswizzle_128x4
 
 __all__ = [
     "E2M1_MAX",
@@ -75,7 +73,6 @@ __all__ = [
     "FormatError",
     "NVFP4Tensor",
     "ScaleFormat",
-    "SfLayout",
     "as_e4m3",
     "decode_fp8_block_scale",
     "decode_ue4m3",
@@ -89,7 +86,6 @@ __all__ = [
     "e2m1_encode",
     "e2m1_table",
     "encode_ue4m3",
-    "encode_ue8m0_pow2",
     "from_mn_major",
     "interleave_gate_up",
     "mega_moe_stage_inputs",
@@ -107,15 +103,12 @@ __all__ = [
     "quantize_nvfp4_activation_per_token",
     "quantize_nvfp4_activation_static",
     "quantize_nvfp4_weight",
-    "swizzle_128x4",
-    "swizzle_128x4_offset",
     "to_mn_major_tma_aligned",
     "transform_nvfp4_for_mega_moe",
     "ue8m0_bytes",
     "ue8m0_exponent_for_amax",
     "unpack_e2m1",
     "unpack_sf_int32_to_bytes",
-    "unswizzle_128x4",
     "untransform_nvfp4_from_mega_moe",
     "utccp_transpose_sf",
     "utccp_untranspose_sf",

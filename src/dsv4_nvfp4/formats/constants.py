@@ -47,6 +47,3 @@ PER_TOKEN_AMAX_FLOOR = 1e-4
 # vLLM 0.34.0's NVFP4 MegaMoE token-scale floor (prepare_megamoe.py's staging):
 # x_scale = max(row_amax, 1e-12) * fp32(1/2688), a different floor from the one above.
 MEGA_MOE_TOKEN_AMAX_FLOOR = 1e-12
-
-# --- FP8 E4M3 used for 128x128 block-quantized weights -----------------------------
-FP8_E4M3_MAX = E4M3_MAX

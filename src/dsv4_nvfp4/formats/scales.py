@@ -72,20 +72,6 @@ def decode_ue8m0(t: torch.Tensor) -> torch.Tensor:
     return torch.where(b == UE8M0_NAN, torch.full_like(out, float("nan")), out)
 
 
-def encode_ue8m0_pow2(x: torch.Tensor) -> torch.Tensor:
-    """Exact powers of two in [2⁻¹²⁷, 2¹²⁷] → UE8M0 bytes (uint8). Anything else is an error."""
-    expect(x.is_floating_point(), "scale", "a floating-point tensor", x.dtype)
-    xf = x.float()
-    mant, exp = torch.frexp(xf)  # x = mant * 2**exp, mant in [0.5, 1)
-    is_pow2 = (mant == 0.5) & torch.isfinite(xf)
-    e = exp.to(torch.int32) - 1
-    ok = is_pow2 & (e >= -UE8M0_BIAS) & (e <= UE8M0_BIAS)
-    if not bool(ok.all()):
-        bad = xf[~ok][0].item()
-        raise FormatError(f"scale: expected powers of two in [2^-127, 2^127], found {bad!r}")
-    return (e + UE8M0_BIAS).to(torch.uint8)
-
-
 def ue8m0_exponent_for_amax(amax: torch.Tensor, elem_max: float) -> torch.Tensor:
     """Smallest power-of-two scale ``2**k`` with ``amax / 2**k <= elem_max``, as a UE8M0 byte.
 

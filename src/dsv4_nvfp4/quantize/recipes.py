@@ -46,11 +46,6 @@ ROUTED_EXPERT_PATTERNS = ("*mlp.experts.*weight_quantizer", "*mlp.experts.*input
 # same for lm_head and the router; listed here so the audit knows them).
 ALWAYS_OFF = ("*lm_head*", "*mlp.gate.*", "*embed_tokens*", "mtp.*")
 
-# The NVFP4 quantizer attributes a recipe must carry (checked against ModelOpt).
-NVFP4_FORMAT = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic",
-                                                    "scale_bits": (4, 3)}}
-
-
 def nvfp4_attributes_from_modelopt() -> dict[str, Any]:
     """The ``cfg`` of ModelOpt's NVFP4 weight quantizer, checked to be NVFP4.
 

@@ -19,7 +19,6 @@ from types import ModuleType
 from dsv4_nvfp4.vllm_plugin.runtime_patch import Patch, mark
 
 CPU_MLA_MODULE = "vllm.models.deepseek_v4.cpu.cpu_mla"
-SPARSE_SWA_MODULE = "vllm.v1.attention.backends.mla.sparse_swa"
 
 
 def shared_layer_types() -> tuple[str, ...]:

@@ -141,11 +141,6 @@ MEGA_MOE_FORMAT_SUBSTITUTION = ScopedSubstitution(
 )
 
 
-def all_scoped() -> tuple[ScopedSubstitution, ...]:
-    """Every scoped substitution the plugin performs."""
-    return (MEGA_MOE_FORMAT_SUBSTITUTION,)
-
-
 def all_patches() -> tuple[Patch, ...]:
     """Every patch the plugin knows, in application order."""
     return (CPU_TILE_SCHEDULER_PATCH, MEGAMOE_STAGING_PATCH)
