@@ -30,7 +30,7 @@ from dsv4_nvfp4.vllm_plugin.runtime_patch import PATCH_MARKER
 @pytest.fixture
 def dgm(monkeypatch: pytest.MonkeyPatch) -> Iterator:
     """vLLM's deep_gemm_mega_moe module, its staging global restored afterwards."""
-    module = importlib.import_module(staging_patch.MODULE)
+    module = importlib.import_module(staging_patch.MEGAMOE_STAGING_PATCH.module)
     original = module.prepare_megamoe_nvfp4_inputs
     monkeypatch.delenv(staging_patch.ENV_SWITCH, raising=False)
     yield module

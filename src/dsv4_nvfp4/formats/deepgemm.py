@@ -129,24 +129,24 @@ def deinterleave_gate_up(t: torch.Tensor, gran: int = MEGA_MOE_INTERLEAVE) -> to
     return out
 
 
-def utccp_transpose_sf(sf: torch.Tensor) -> torch.Tensor:
-    """SF words ``[E, MN, W]``: in each 128-row group, new row ``4i+j`` = old row ``32j+i``."""
+def _utccp_swap(sf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """SF words ``[E, MN, W]``: each 128-row group read as ``[rows, cols]``, transposed."""
     expect(sf.dim() == 3, "sf", "[E, MN, W]", tuple(sf.shape))
     e, mn, w = sf.shape
     expect(mn % UTCCP_ROWS == 0, "sf", f"MN a multiple of {UTCCP_ROWS}", mn)
     out = torch.empty_like(sf)
-    out.copy_(sf.reshape(e, mn // UTCCP_ROWS, 4, 32, w).transpose(2, 3).reshape(e, mn, w))
+    out.copy_(sf.reshape(e, mn // UTCCP_ROWS, rows, cols, w).transpose(2, 3).reshape(e, mn, w))
     return out
+
+
+def utccp_transpose_sf(sf: torch.Tensor) -> torch.Tensor:
+    """SF words ``[E, MN, W]``: in each 128-row group, new row ``4i+j`` = old row ``32j+i``."""
+    return _utccp_swap(sf, 4, 32)
 
 
 def utccp_untranspose_sf(sf: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`utccp_transpose_sf`."""
-    expect(sf.dim() == 3, "sf", "[E, MN, W]", tuple(sf.shape))
-    e, mn, w = sf.shape
-    expect(mn % UTCCP_ROWS == 0, "sf", f"MN a multiple of {UTCCP_ROWS}", mn)
-    out = torch.empty_like(sf)
-    out.copy_(sf.reshape(e, mn // UTCCP_ROWS, 32, 4, w).transpose(2, 3).reshape(e, mn, w))
-    return out
+    return _utccp_swap(sf, 32, 4)
 
 
 def nvfp4_sf_to_deepgemm(sf: torch.Tensor) -> torch.Tensor:

@@ -12,27 +12,20 @@ expert-coverage check says when the data was too thin.
 
 from __future__ import annotations
 
-_WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather for a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
-                                                        "unit": {"type": "string",
-                                                                 "enum": ["C", "F"]}},
-                       "required": ["city"]},
-    },
-}
-_SEARCH_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "search_docs",
-        "description": "Full-text search over the product documentation.",
-        "parameters": {"type": "object", "properties": {"query": {"type": "string"},
-                                                        "top_k": {"type": "integer"}},
-                       "required": ["query"]},
-    },
-}
+
+def _tool(name: str, description: str, properties: dict, required: list[str]) -> dict:
+    """An OpenAI-style function tool whose parameters are one JSON-schema object."""
+    return {"type": "function",
+            "function": {"name": name, "description": description,
+                         "parameters": {"type": "object", "properties": properties,
+                                        "required": required}}}
+
+
+_WEATHER_TOOL = _tool("get_weather", "Current weather for a city.",
+                      {"city": {"type": "string"},
+                       "unit": {"type": "string", "enum": ["C", "F"]}}, ["city"])
+_SEARCH_TOOL = _tool("search_docs", "Full-text search over the product documentation.",
+                     {"query": {"type": "string"}, "top_k": {"type": "integer"}}, ["query"])
 
 
 def _qa(user: str, answer: str, reasoning: str | None = None,

@@ -24,8 +24,6 @@ from dsv4_nvfp4.vllm_plugin.runtime_patch import Patch, mark
 
 logger = logging.getLogger("vllm.dsv4_nvfp4.staging")
 
-MODULE = "vllm.model_executor.layers.fused_moe.deep_gemm_mega_moe"
-SYMBOL = "prepare_megamoe_nvfp4_inputs"
 ENV_SWITCH = "DSV4_NVFP4_VLLM_STAGING"
 PATCH_NAME = "megamoe_nvfp4_staging"
 
@@ -72,13 +70,13 @@ def make_wrapper(original):  # type: ignore[no-untyped-def]
 
 
 def _apply(module: ModuleType) -> None:
-    setattr(module, SYMBOL, make_wrapper(getattr(module, SYMBOL)))
+    module.prepare_megamoe_nvfp4_inputs = make_wrapper(module.prepare_megamoe_nvfp4_inputs)
 
 
 MEGAMOE_STAGING_PATCH = Patch(
     name=PATCH_NAME,
-    module=MODULE,
-    symbol=SYMBOL,
+    module="vllm.model_executor.layers.fused_moe.deep_gemm_mega_moe",
+    symbol="prepare_megamoe_nvfp4_inputs",
     why=(
         "vLLM's NVFP4 MegaMoE staging kernel (_prepare_megamoe_nvfp4_inputs_kernel) reaches "
         "about a quarter of copy bandwidth on an H200 from 2048 tokens; ours writes the "
