@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "bench": "dsv4_nvfp4.serving.bench",
     "eval": "dsv4_nvfp4.serving.eval",
     "acceptance": "dsv4_nvfp4.serving.acceptance",
+    "canary": "dsv4_nvfp4.serving.canary",
     "demo": "dsv4_nvfp4.launch.demo",
     "doctor": "dsv4_nvfp4.deploy.doctor",
     "preflight": "dsv4_nvfp4.deploy.preflight",
