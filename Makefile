@@ -26,7 +26,7 @@ test: ## Run both CPU test tiers (what CI runs)
 
 lint: ## ruff, hadolint on the Dockerfile, docker compose config on compose.yaml + .env.example
 	$(VENV)/bin/ruff check .
-	$(PY) -m dsv4_nvfp4.deploy.lint
+	$(PY) tests/deploy_lint.py
 
 # --- image -----------------------------------------------------------------------
 # `make build push REGISTRY=registry.example.com/team` builds and pushes

@@ -16,7 +16,6 @@ import pytest
 import torch
 from bitwise import assert_bitwise_equal
 
-from dsv4_nvfp4.checkpoint import convert as convert_mod
 from dsv4_nvfp4.checkpoint import convert_exec, transforms
 from dsv4_nvfp4.checkpoint.convert_exec import execute
 from dsv4_nvfp4.checkpoint.convert_plan import Target, plan
@@ -27,6 +26,7 @@ from dsv4_nvfp4.checkpoint.schema import Storage, expert_key
 from dsv4_nvfp4.checkpoint.tiny import write_tiny
 from dsv4_nvfp4.checkpoint.transforms import DenseMode, c_to_b_module, convert_parts
 from dsv4_nvfp4.checkpoint.verify import verify
+from dsv4_nvfp4.cli import main as cli_main
 from dsv4_nvfp4.formats import (
     NVFP4Tensor,
     ScaleFormat,
@@ -364,7 +364,7 @@ def test_c_to_b_module_is_a_pure_rename_and_convert() -> None:
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    rc = convert_mod.main([*args, "--no-fsync"])
+    rc = cli_main(["convert", *args, "--no-fsync"])
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
@@ -437,7 +437,8 @@ def killing(real):
     return wrapped
 writer.ShardWriter.write = killing(writer.ShardWriter.write)
 writer.ShardWriter.begin = killing(writer.ShardWriter.begin)
-sys.exit(convert.main({argv!r}))
+from dsv4_nvfp4.cli import main
+sys.exit(main(["convert", *{argv!r}]))
 """
 
 
@@ -460,7 +461,7 @@ def test_sigkill_mid_shard_then_rerun_is_byte_identical(tinies: dict[str, Path],
     assert f".{p.files[1]}.partial" in names and p.files[1] not in names
     assert p.files[0] in names or f".{p.files[0]}.partial" in names
     assert "manifest.json" not in names
-    assert convert_mod.main([args[0], str(dst), *args[1:], "--no-fsync"]) == 0
+    assert cli_main(["convert", args[0], str(dst), *args[1:], "--no-fsync"]) == 0
     got = sorted(f.name for f in dst.iterdir())
     assert got == sorted(f.name for f in ref.iterdir())
     for name in got:

@@ -14,6 +14,7 @@ from dsv4_nvfp4.checkpoint import tiny as tiny_mod
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.reader import TensorReader, open_checkpoint
 from dsv4_nvfp4.checkpoint.tiny_bf16 import tiny_config, tiny_state_dict
+from dsv4_nvfp4.cli import main as cli_main
 
 pytestmark = pytest.mark.cpu
 
@@ -49,7 +50,7 @@ def test_inspect_names_layout_groups_and_what_vllm_does(tinies: dict[str, Path],
                                                        capsys: pytest.CaptureFixture[str]
                                                        ) -> None:
     layout, groups, does, change = EXPECT[which]
-    assert inspect_mod.main([str(tinies[which]), "--json"]) == 0
+    assert cli_main(["inspect", str(tinies[which]), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["layout"] == layout and r["file_problems"] == []
     got = {(g["role"], g["storage"]): g["modules"] for g in r["groups"]}
@@ -59,7 +60,7 @@ def test_inspect_names_layout_groups_and_what_vllm_does(tinies: dict[str, Path],
     assert r["vllm_version"] == "0.34.0"
     assert any(does in s for s in r["vllm"]), r["vllm"]
     assert any(change in s for s in r["to_serve"]), r["to_serve"]
-    assert inspect_mod.main([str(tinies[which])]) == 0
+    assert cli_main(["inspect", str(tinies[which])]) == 0
     out = capsys.readouterr().out
     assert f"layout: {Layout(layout).title}" in out
     assert "\nvLLM 0.34.0 (the serving image):\n" in out
@@ -113,7 +114,7 @@ def test_inspect_layout_c_says_how_stock_vllm_fails(tinies: dict[str, Path]) -> 
 def test_tiny_cli_refuses_a_non_empty_out_and_cpu_servable_bf16_is_the_tiny_model(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "t"
-    assert tiny_mod.main([str(out), "--layout", "bf16", "--cpu-servable"]) == 0
+    assert cli_main(["tiny", str(out), "--layout", "bf16", "--cpu-servable"]) == 0
     capsys.readouterr()
     sd = tiny_state_dict(tiny_config())
     ck = open_checkpoint(out)
@@ -123,11 +124,11 @@ def test_tiny_cli_refuses_a_non_empty_out_and_cpu_servable_bf16_is_the_tiny_mode
             assert torch.equal(r.read(t), sd[n]), n
     assert json.loads((out / "config.json").read_text()) == tiny_config()
     assert (out / "tokenizer.json").is_file()
-    assert tiny_mod.main([str(out), "--layout", "A"]) == 2
+    assert cli_main(["tiny", str(out), "--layout", "A"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "expected an empty or new directory" in err
     with pytest.raises(SystemExit) as exc:
-        tiny_mod.main([str(tmp_path / "u"), "--layout", "Q"])
+        cli_main(["tiny", str(tmp_path / "u"), "--layout", "Q"])
     assert exc.value.code == 2
     assert "layout: expected one of A, B, C, bf16, found 'Q'" in capsys.readouterr().err
     assert not (tmp_path / "u").exists()
@@ -136,9 +137,9 @@ def test_tiny_cli_refuses_a_non_empty_out_and_cpu_servable_bf16_is_the_tiny_mode
 def test_tiny_experts_recipe_c_and_what_inspect_says(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ce"
-    assert tiny_mod.main([str(out), "--layout", "C", "--recipe", "experts"]) == 0
+    assert cli_main(["tiny", str(out), "--layout", "C", "--recipe", "experts"]) == 0
     assert "(experts recipe)" in capsys.readouterr().out
-    assert inspect_mod.main([str(out), "--json"]) == 0
+    assert cli_main(["inspect", str(out), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     got = {(g["role"], g["storage"]): g["modules"] for g in r["groups"]}
     assert got[("dense linear", "BF16")] == 25 and got[("bf16 linear", "BF16")] == 12
@@ -146,7 +147,7 @@ def test_tiny_experts_recipe_c_and_what_inspect_says(tmp_path: Path,
     assert not any(g["role"] == "dense linear" and g["storage"] != "BF16" for g in r["groups"])
     assert any("attention BF16 (excluded by the export" in s for s in r["vllm"])
     assert not any("o_a_proj" in s for s in r["vllm"])  # matched by self_attn*
-    assert tiny_mod.main([str(tmp_path / "a"), "--layout", "A", "--recipe", "experts"]) == 2
+    assert cli_main(["tiny", str(tmp_path / "a"), "--layout", "A", "--recipe", "experts"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --recipe experts: expected --layout C (the recipe of a ModelOpt " \
         "export), found --layout A\n"

@@ -19,13 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from dsv4_nvfp4.checkpoint import convert as convert_mod
-from dsv4_nvfp4.checkpoint import inspect as inspect_mod
-from dsv4_nvfp4.checkpoint import tiny as tiny_mod
-from dsv4_nvfp4.checkpoint import verify as verify_mod
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.reader import INDEX_NAME, open_checkpoint
 from dsv4_nvfp4.checkpoint.tiny import write_tiny
+from dsv4_nvfp4.cli import main as cli_main
 
 pytestmark = [pytest.mark.cpu, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -250,9 +247,9 @@ def broken(request: pytest.FixtureRequest, tinies: dict[str, Path], tmp_path: Pa
     return src, name, tools
 
 
-def _run(main: Callable[[list[str]], int], argv: list[str],
+def _run(command: str, argv: list[str],
          capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    rc = main(argv)
+    rc = cli_main([command, *argv])
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
@@ -277,14 +274,14 @@ def test_malformed_input_is_one_line_and_leaves_nothing(
     before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
     if "verify" in tools:
         argv = [str(src)] if tools is VALUES else [str(src), "--no-values"]
-        _assert_one_line(*_run(verify_mod.main, argv, capsys), name, "verify")
+        _assert_one_line(*_run("verify", argv, capsys), name, "verify")
     if "inspect" in tools:
-        _assert_one_line(*_run(inspect_mod.main, [str(src)], capsys), name, "inspect")
+        _assert_one_line(*_run("inspect", [str(src)], capsys), name, "inspect")
     if "convert" in tools:
         dst = tmp_path / "dst"
         to = "nvidia-nvfp4" if (src / "model.safetensors.index.json").is_file() and \
             "model.layers" in (src / "model.safetensors.index.json").read_text() else "bf16"
-        rc, out, err = _run(convert_mod.main, [str(src), str(dst), "--to", to, "--no-fsync"],
+        rc, out, err = _run("convert", [str(src), str(dst), "--to", to, "--no-fsync"],
                             capsys)
         _assert_one_line(rc, out, err, name, "convert")
         assert rc == 2 and not dst.exists(), (rc, err)
@@ -308,7 +305,7 @@ def test_tiny_bad_destination_is_one_line_and_leaves_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for case, out, name in _tiny_cases(tmp_path):
         before = sorted(p.name for p in tmp_path.rglob("*"))
-        rc, o, err = _run(tiny_mod.main, [str(out), "--layout", "bf16"], capsys)
+        rc, o, err = _run("tiny", [str(out), "--layout", "bf16"], capsys)
         _assert_one_line(rc, o, err, name, f"tiny {case}")
         assert rc == 2
         assert sorted(p.name for p in tmp_path.rglob("*")) == before, case
@@ -323,6 +320,6 @@ def test_tiny_on_a_filesystem_that_refuses_writes(capsys: pytest.CaptureFixture[
     else:
         os.rmdir(target)
         pytest.skip("/sys is writable here")
-    rc, o, err = _run(tiny_mod.main, [str(target), "--layout", "bf16"], capsys)
+    rc, o, err = _run("tiny", [str(target), "--layout", "bf16"], capsys)
     _assert_one_line(rc, o, err, str(target), "tiny /sys")
     assert rc == 2 and not target.exists()

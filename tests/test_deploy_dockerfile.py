@@ -19,9 +19,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import deploy_lint as lint
 import pytest
 
-from dsv4_nvfp4.deploy import doctor, lint
+from dsv4_nvfp4.deploy import doctor
 from dsv4_nvfp4.versions import pins
 
 ROOT = Path(__file__).resolve().parents[1]

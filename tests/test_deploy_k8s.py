@@ -20,11 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import deploy_lint as lint
 import pytest
 import yaml
 
 from dsv4_nvfp4.deploy import compose as dc
-from dsv4_nvfp4.deploy import lint
 from dsv4_nvfp4.deploy import profiles as pr
 from dsv4_nvfp4.versions import pin
 

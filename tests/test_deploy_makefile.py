@@ -86,7 +86,7 @@ def test_ci_targets_are_unchanged():
 
 def test_lint_runs_ruff_hadolint_and_compose_config():
     lines = make("-n", "lint").stdout.splitlines()
-    assert lines == [".venv/bin/ruff check .", ".venv/bin/python -m dsv4_nvfp4.deploy.lint"]
+    assert lines == [".venv/bin/ruff check .", ".venv/bin/python tests/deploy_lint.py"]
 
 
 def test_build_push_pair_uses_one_image_ref():
@@ -163,7 +163,7 @@ def test_push_records_the_pushed_ref_in_env_for_up_verify_and_compose(node: Path
     assert verify == (f"docker run --rm --network none --entrypoint dsv4-nvfp4 "
                       f'-v "{model}":/model:ro {ref} verify /model')  # fmt: skip
     # compose itself (the real binary) resolves the same image from this .env
-    from dsv4_nvfp4.deploy import lint
+    import deploy_lint as lint
 
     result = lint.run_compose(ROOT, ["config", "--images"], env_file=env,
                               extra_env={"MODEL_DIR": str(model)})  # fmt: skip

@@ -24,10 +24,10 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import deploy_lint as lint
 import pytest
 
 from dsv4_nvfp4.deploy import compose as dc
-from dsv4_nvfp4.deploy import lint
 from dsv4_nvfp4.deploy import profiles as pr
 
 ROOT = Path(__file__).resolve().parents[1]

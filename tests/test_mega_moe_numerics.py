@@ -97,7 +97,11 @@ def _stack_layout_b(sd: dict[str, torch.Tensor], layer: int, n: int) -> dict[str
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory, one_torch_thread) -> tuple[dict[int, LayerCase], object]:
-    from dsv4_nvfp4.quantize import calibrate, main
+    from dsv4_nvfp4.cli import main as cli_main
+    from dsv4_nvfp4.quantize import calibrate
+
+    def quantize_cli(argv: list[str]) -> int:
+        return cli_main(["quantize", *argv])
     from dsv4_nvfp4.quantize.calib_data import build_calibration
     from dsv4_nvfp4.quantize.cpu_fakequant import install
     from dsv4_nvfp4.quantize.model_load import load_bf16_model
@@ -113,7 +117,7 @@ def cases(tmp_path_factory, one_torch_thread) -> tuple[dict[int, LayerCase], obj
     argv = quantize_args(src, out)
     assert argv[argv.index("--num-samples") + 1] == str(CALIB_SAMPLES)
     assert argv[argv.index("--seq-len") + 1] == str(SEQ_LEN)
-    assert main(argv) == 0                                   # layout B in out/, verified
+    assert quantize_cli(argv) == 0                                   # layout B in out/, verified
     sd: dict[str, torch.Tensor] = {}
     for f in sorted(out.glob("*.safetensors")):
         sd.update(load_file(f))

@@ -20,8 +20,15 @@ from test_quantize_support import block_expert, quantize_args, write_small_check
 
 from dsv4_nvfp4.checkpoint.layouts import Layout
 from dsv4_nvfp4.checkpoint.verify import verify
+from dsv4_nvfp4.cli import main as cli_main
 from dsv4_nvfp4.formats import ScaleFormat, dequantize_nvfp4, quantize_fp8_block
-from dsv4_nvfp4.quantize import main
+
+
+def quantize_cli(argv: list[str]) -> int:
+    """`dsv4-nvfp4 quantize ARGV`, in process."""
+    return cli_main(["quantize", *argv])
+
+
 
 pytestmark = pytest.mark.cpu
 pytest.importorskip("transformers")
@@ -67,7 +74,7 @@ def test_bad_arguments_exit_2(capsys) -> None:
     for argv in (["src"], ["a", "b", "--num-samples", "0"], ["a", "b", "--recipe", "fp4"],
                  ["a", "b", "--seq-len", "x"]):
         with pytest.raises(SystemExit) as e:
-            main(argv)
+            quantize_cli(argv)
         assert e.value.code == 2
     capsys.readouterr()
 
@@ -82,7 +89,7 @@ def test_bad_arguments_exit_2(capsys) -> None:
 ])
 def test_unusable_input(srcs, tmp_path: Path, capsys, case, extra, pattern) -> None:
     src = srcs.get(case, tmp_path / "missing")
-    assert main(quantize_args(src, tmp_path / "out", *extra)) == 2
+    assert quantize_cli(quantize_args(src, tmp_path / "out", *extra)) == 2
     assert re.search(pattern, _err_line(capsys))
     assert not (tmp_path / "out").exists()
 
@@ -92,7 +99,7 @@ def test_non_bf16_weight(tmp_path: Path, capsys) -> None:
         sd["layers.0.attn.wq_a.weight"] = sd["layers.0.attn.wq_a.weight"].float()
 
     src = write_small_checkpoint(tmp_path / "f32", edit=to_fp32)
-    assert main(quantize_args(src, tmp_path / "out")) == 2
+    assert quantize_cli(quantize_args(src, tmp_path / "out")) == 2
     assert re.search(r"layers\.0\.attn\.wq_a\.weight: expected BF16, found F32 \(1 such",
                      _err_line(capsys))
 
@@ -102,7 +109,7 @@ def test_no_gpu_for_device_map_auto(srcs, tmp_path: Path, capsys) -> None:
         pytest.skip("a GPU is visible")
     argv = quantize_args(srcs["bf16"], tmp_path / "out")
     argv[argv.index("--device-map") + 1] = "auto"
-    assert main(argv) == 2
+    assert quantize_cli(argv) == 2
     assert "--device-map auto: expected a visible CUDA GPU" in _err_line(capsys)
 
 
@@ -113,7 +120,7 @@ def test_no_gpu_for_device_map_auto(srcs, tmp_path: Path, capsys) -> None:
 def experts_export(srcs, tmp_path_factory) -> tuple[Path, Path, list[str]]:
     out = tmp_path_factory.mktemp("experts") / "out"
     argv = quantize_args(srcs["bf16"], out, "--export-only")
-    assert main(argv) == 0
+    assert quantize_cli(argv) == 0
     return out, out.with_name("out.work") / "export", argv
 
 
@@ -163,14 +170,14 @@ def test_rerun_skips_and_restore_reproduces(experts_export, capsys) -> None:
     _, export, argv = experts_export
     before = _sha(export)
     capsys.readouterr()
-    assert main(argv) == 0
+    assert quantize_cli(argv) == 0
     assert "is complete from an earlier run; skipping calibration" in capsys.readouterr().err
     assert _sha(export) == before
     # An export lost after calibration: restored from calibration.pt, byte-identical.
     import shutil
 
     shutil.rmtree(export)
-    assert main(argv) == 0
+    assert quantize_cli(argv) == 0
     err = capsys.readouterr().err
     assert "restoring calibration" in err and "calibrated in" not in err
     assert _sha(export) == before
@@ -179,7 +186,7 @@ def test_rerun_skips_and_restore_reproduces(experts_export, capsys) -> None:
 def test_work_dir_of_other_inputs_is_refused(experts_export, capsys) -> None:
     _, _, argv = experts_export
     capsys.readouterr()
-    assert main([*argv, "--recipe", "full"]) == 2
+    assert quantize_cli([*argv, "--recipe", "full"]) == 2
     assert "whose recipe differ; pass --restart" in _err_line(capsys)
 
 
@@ -188,7 +195,8 @@ def test_experts_recipe_converts_to_verified_layout_b(srcs, experts_export, caps
     requantizes the dense ones to FP8 128x128 straight from those BF16 weights."""
     out, export, argv = experts_export
     capsys.readouterr()
-    assert main([*(a for a in argv if a != "--export-only"), "--mtp-from", str(srcs["a"])]) == 0
+    rerun = [*(a for a in argv if a != "--export-only"), "--mtp-from", str(srcs["a"])]
+    assert quantize_cli(rerun) == 0
     err = capsys.readouterr().err
     assert "is complete from an earlier run; skipping calibration" in err   # no recalibration
     assert f"verify {out}: clean" in err
@@ -219,7 +227,7 @@ def test_experts_recipe_converts_to_verified_layout_b(srcs, experts_export, caps
 
 def test_full_recipe_to_verified_layout_b(srcs, tmp_path: Path, capsys) -> None:
     out = tmp_path / "b"
-    assert main(quantize_args(srcs["bf16"], out, "--recipe", "full",
+    assert quantize_cli(quantize_args(srcs["bf16"], out, "--recipe", "full",
                               "--mtp-from", str(srcs["a"]))) == 0
     err = capsys.readouterr().err
     assert "verify" in err and "clean" in err       # the runner ran the linter
@@ -251,11 +259,11 @@ def test_full_recipe_to_verified_layout_b(srcs, tmp_path: Path, capsys) -> None:
 
 def test_uncalibrated_expert_fails_then_is_reported(srcs, tmp_path: Path, capsys) -> None:
     argv = quantize_args(srcs["blocked"], tmp_path / "out", "--export-only")
-    assert main(argv) == 1
+    assert quantize_cli(argv) == 1
     line = _err_line(capsys)
     assert "routed experts saw no calibration token (model.layers.1.mlp.experts: experts [3])" \
         in line and "--allow-uncalibrated-experts" in line
-    assert main([*argv, "--allow-uncalibrated-experts"]) == 0
+    assert quantize_cli([*argv, "--allow-uncalibrated-experts"]) == 0
     assert "restoring calibration" in capsys.readouterr().err    # no second calibration pass
     rep = json.loads((tmp_path / "out.work" / "export" / "quantize_report.json").read_text())
     assert rep["experts"]["uncalibrated"] == {"model.layers.1.mlp.experts": [3]}

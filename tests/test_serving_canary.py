@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dsv4_nvfp4.cli import main as cli_main
 from dsv4_nvfp4.serving import canary, metrics
 
 CASES = {c.name: c for c in canary.CASES}
@@ -85,11 +86,11 @@ def test_answers_files_are_checked_before_use(tmp_path: Path, capsys) -> None:
                                                                "tokens": ["token_id:1"]}}}))
     with pytest.raises(ValueError, match=r"cases.copy: expected tokens recorded for the prompt"):
         canary.load_answers(str(bad))
-    assert canary.main(["--answers", str(tmp_path / "absent.json")]) == 2
+    assert cli_main(["canary", "--answers", str(tmp_path / "absent.json")]) == 2
     assert capsys.readouterr().err.startswith(f"canary: {tmp_path / 'absent.json'}: expected a "
                                               "readable answers file")
-    assert canary.main(["--url", "ftp://x"]) == 2
-    assert canary.main(["--cases", "arithmetic,poetry"]) == 2
+    assert cli_main(["canary", "--url", "ftp://x"]) == 2
+    assert cli_main(["canary", "--cases", "arithmetic,poetry"]) == 2
     assert "--cases: expected names from arithmetic, copy, capital, count" in (
         capsys.readouterr().err)
 
@@ -105,7 +106,7 @@ def _args(server, *extra: str) -> list[str]:
 def test_the_tiny_demo_server_gives_its_recorded_greedy_answers(tiny_server, tmp_path,
                                                                  capsys) -> None:
     report = tmp_path / "canary.json"
-    code = canary.main(_args(tiny_server, "--answers", "tiny", "--json", str(report)))
+    code = cli_main(["canary", *_args(tiny_server, "--answers", "tiny", "--json", str(report))])
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
     res = {r["name"]: r for r in json.loads(report.read_text())["results"]}
@@ -120,7 +121,7 @@ def test_the_tiny_demo_server_gives_its_recorded_greedy_answers(tiny_server, tmp
 @pytest.mark.server
 def test_the_rules_fail_a_random_model(tiny_server, capsys) -> None:
     """The tiny model has random weights: what a garbage-serving checkpoint looks like."""
-    assert canary.main(_args(tiny_server, "--cases", "arithmetic,copy")) == 1
+    assert cli_main(["canary", *_args(tiny_server, "--cases", "arithmetic,copy")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("canary FAILED: arithmetic: expected an answer that contains 42, ")
     assert "copy: expected an answer that contains ORANGE-7-CASTLE-3" in err
@@ -130,8 +131,8 @@ def test_the_rules_fail_a_random_model(tiny_server, capsys) -> None:
 def test_recording_reproduces_the_built_in_answers_and_a_wrong_one_fails(tiny_server, tmp_path,
                                                                          capsys) -> None:
     rec = tmp_path / "tiny.json"
-    code = canary.main(_args(tiny_server, "--record", str(rec), "--cases",
-                             os.environ.get("DSV4_CANARY_CASES", "arithmetic,copy")))
+    code = cli_main(["canary", *_args(tiny_server, "--record", str(rec), "--cases",
+                                      os.environ.get("DSV4_CANARY_CASES", "arithmetic,copy"))])
     recorded = json.loads(rec.read_text())
     if os.environ.get("DSV4_CANARY_PRINT"):  # to refresh canary.TINY_ANSWERS by hand
         Path(os.environ["DSV4_CANARY_PRINT"]).write_text(json.dumps(recorded))
@@ -143,7 +144,8 @@ def test_recording_reproduces_the_built_in_answers_and_a_wrong_one_fails(tiny_se
     recorded["cases"]["arithmetic"]["tokens"][0] = "token_id:0"
     rec.write_text(json.dumps(recorded))
     capsys.readouterr()
-    assert canary.main(_args(tiny_server, "--answers", str(rec), "--cases", "arithmetic")) == 1
+    args = _args(tiny_server, "--answers", str(rec), "--cases", "arithmetic")
+    assert cli_main(["canary", *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("canary FAILED: arithmetic: expected the recorded greedy answer, "
                           f"token 0 = token_id:0, found {first}: ")

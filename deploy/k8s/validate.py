@@ -18,7 +18,7 @@ No cluster and no network: kubernetes-validate ships the schemas in its wheel
 fails (one line each), 2 when the tool is missing or a file cannot be read.
 
 A standalone script, not a module of the package: like hadolint and the Compose
-binary, it is a tool `dsv4_nvfp4.deploy.lint` runs in a process of its own.
+binary, it is a tool `tests/deploy_lint.py` runs in a process of its own.
 """
 
 from __future__ import annotations

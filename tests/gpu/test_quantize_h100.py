@@ -47,12 +47,19 @@ from test_quantize_support import small_config  # noqa: E402
 from dsv4_nvfp4.checkpoint.layouts import Layout  # noqa: E402
 from dsv4_nvfp4.checkpoint.names import c_to_deepseek, is_mtp  # noqa: E402
 from dsv4_nvfp4.checkpoint.tiny import build, write_checkpoint  # noqa: E402
+from dsv4_nvfp4.cli import main as cli_main  # noqa: E402
 from dsv4_nvfp4.formats import (  # noqa: E402
     dequantize_fp8_block,
     dequantize_mxfp4,
     dequantize_nvfp4,
 )
-from dsv4_nvfp4.quantize import main  # noqa: E402
+
+
+def quantize_cli(argv: list[str]) -> int:
+    """`dsv4-nvfp4 quantize ARGV`, in process."""
+    return cli_main(["quantize", *argv])
+
+
 
 MEDIUM = {"hidden_size": 512, "num_attention_heads": 4, "head_dim": 128, "qk_rope_head_dim": 64,
           "q_lora_rank": 256, "o_groups": 2, "o_lora_rank": 256, "n_routed_experts": 16,
@@ -213,7 +220,7 @@ def test_quantize_convert_verify(srcs, recipe: str) -> None:
             "--no-progress"]
     res: dict = {}
     RESULTS[recipe] = res
-    assert main([*argv, "--export-only"]) == 0
+    assert quantize_cli([*argv, "--export-only"]) == 0
     export = out.with_name(out.name + ".work") / "export"
     report = json.loads((export / "quantize_report.json").read_text())
     res["report"] = {k: report[k] for k in ("unquantized_by_modelopt", "added_to_ignore",
@@ -223,7 +230,7 @@ def test_quantize_convert_verify(srcs, recipe: str) -> None:
     src = _load(srcs["bf16"])
     exported = _load(export)
     res["export_errors"] = error_table(src, exported, c_to_deepseek)
-    rc = main(argv)
+    rc = quantize_cli(argv)
     res["convert_rc"] = rc
     assert rc == 0
     res["verify_b"] = _verify(out, against=srcs["a"])     # also: mtp.* bytes == layout A

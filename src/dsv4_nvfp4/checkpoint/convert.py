@@ -112,13 +112,3 @@ def run(args: argparse.Namespace) -> int:
     for d in rep.get("dropped") or []:
         print(f"  dropped from SRC: {d}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli_util import standalone
-
-    return standalone(add_parser, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

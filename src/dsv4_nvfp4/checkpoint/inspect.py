@@ -242,13 +242,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {problems[0]}{more}: run dsv4-nvfp4 verify", file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli_util import standalone
-
-    return standalone(add_parser, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -423,13 +423,3 @@ def run(args: argparse.Namespace) -> int:
         f"; note: revision {lock.revision!r} is not a commit hash, a branch or tag can move")
     print(f"lock: {args.output}: {describe(lock)}; hashed {hashed.summary()}{hub}{pinned}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli_util import standalone
-
-    return standalone(add_parser, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -375,13 +374,3 @@ def run(args: argparse.Namespace) -> int:
     recipe = f" ({args.recipe} recipe)" if args.layout is Layout.C else ""
     print(f"wrote {args.layout.title}{recipe} to {out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli_util import standalone
-
-    return standalone(add_parser, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -583,13 +583,3 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     print(json.dumps(rep.as_dict(), indent=2) if args.json else format_report(rep))
     return rep.exit_code
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli_util import standalone
-
-    return standalone(add_parser, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,20 +350,3 @@ def with_overrides(flags: Iterable[str], overrides: Mapping[str, str | None]) ->
     out = [(name, overrides[name]) if name in overrides else (name, v) for name, v in pairs]
     out += [(name, value) for name, value in overrides.items() if name not in seen]
     return join_flags(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dsv4_nvfp4.deploy.compose [--cpu]`: print the serve command, shell-quoted."""
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        command = serve_command()
-    except ComposeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    flags = cpu_flags(command.flags) if "--cpu" in args else command.flags
-    print(shlex.join(["vllm", "serve", *([command.model] if command.model else []), *flags]))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -30,9 +30,7 @@ profile's argv to vLLM 0.34.0's own parser and engine config.
 
 from __future__ import annotations
 
-import os
 import shlex
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,25 +300,3 @@ def expected_command(root: Path, profile: Profile) -> list[str]:
     base = layered_service(root, PROFILES["latency"])["command"]
     model, flags = base[0], base[1:]
     return [model, *dc.with_overrides(flags, profile.edits)]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dsv4_nvfp4.deploy.profiles [NAME]`: print a profile's `vllm serve`
-    command (default: the one `.env`'s COMPOSE_FILE selects), shell-quoted."""
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        root = dc.find_compose_file().parent
-        if args:
-            profile = get(args[0])
-        else:
-            values = dc.compose_environment(root / BASE_FILE, None, os.environ)
-            profile = from_compose_file_value(values.get(COMPOSE_FILE_VAR))
-        print(shlex.join(serve_argv(profile, root)))
-    except dc.ComposeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,6 +5,6 @@ transformers) load when the subcommand runs, so ``dsv4-nvfp4 --help`` stays
 fast and works without them.
 """
 
-from .command import add_parser, main, run
+from .command import add_parser, run
 
-__all__ = ["add_parser", "main", "run"]
+__all__ = ["add_parser", "run"]

@@ -38,6 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "NVIDIA ModelOpt, export, and convert the export to the layout vLLM "
                     "serves (NVFP4 routed experts, FP8 dense). Resumable.")
     configure_parser(p)
+    p.set_defaults(func=run)
     return p
 
 
@@ -278,10 +279,3 @@ def run(args) -> int:
         print("quantize: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``scripts/quantize_nvfp4.py``): the same arguments as the subcommand."""
-    parser = argparse.ArgumentParser(prog="quantize_nvfp4")
-    configure_parser(parser)
-    return run(parser.parse_args(argv))

@@ -394,13 +394,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"canary passed: {model} ({sum(r.status == SKIP for r in results)} skipped)")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv4-nvfp4 canary", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

