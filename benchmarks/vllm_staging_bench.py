@@ -21,10 +21,17 @@ Bytes are the activation staging's: the bf16 input read once and the packed
 E2M1 codes, E4M3 scale words and fp32 token scales written once,
 ``T * (2H + H/2 + H/16 + 4)``, the same for every kernel. ``vllm`` and ``compat``
 also copy the top-k routing (``T * 6 * (4 + 4)`` bytes read, ``T * 6 * (8 + 4)``
-written, 0.65 % more); their GB/s columns do not count them.
+written, 0.65 % more); their GB/s columns do not count them. The copy moves the same
+total (read plus written) but half and half, where the staging reads 78 % of its bytes:
+a ratio to the copy compares equal byte counts, not equal read/write mixes.
 
 ``--sweep``: also times ``compat`` with each tile of ``SWEEP_TILES`` at every T (the
-source of ``kernels.megamoe_staging.GPU_MEGAMOE_TILES``).
+source of ``kernels.megamoe_staging.GPU_MEGAMOE_TILES``; ``r1w2m96p8s1``: 1 row, 2 warps,
+a 96-register cap, a persistent grid of 8 programs per multiprocessor, no pipelining),
+the split launch up to 256 tokens, and records how many of the random rows compat stages
+on its quick path (``compat_quick_rows``; the others take its two-division path).
+``--compile-only SHARD SHARDS``: launch each variant once and exit; several such
+processes in parallel warm Triton's cache before the timed run.
 
 GPU time: CUDA-graph replays of ``--reps`` back-to-back launches, events around
 each replay, median of ``--iters`` replays (``kernels_bench.graph_ms``); the three
@@ -36,7 +43,7 @@ replay touches at least four times the L2 (at most one set per launch, so the
 smallest T stays L2-resident either way).
 
 Usage (GPU machine, repo root): ``PYTHONPATH=src python3 benchmarks/vllm_staging_bench.py
---out benchmarks/results/vllm_staging_h200.json``
+--sweep --out benchmarks/results/megamoe_staging_h200.json``
 """
 
 from __future__ import annotations
@@ -65,14 +72,24 @@ from dsv4_nvfp4.kernels import (  # noqa: E402
     stage_megamoe_nvfp4_inputs,
     stage_nvfp4_activations_per_token,
 )
-from dsv4_nvfp4.kernels.megamoe_staging import megamoe_tile  # noqa: E402
+from dsv4_nvfp4.kernels.megamoe_staging import megamoe_tile, quick_rows  # noqa: E402
 
 HIDDEN = 7168
 TOP_K = 6
 TOKENS = [1, 16, 64, 256, 512, 2048, 4096, 8192, 16384]
 NUM_LOCAL_EXPERTS = 48
-SWEEP_TILES = [TileConfig(rows=r, block=1024, num_warps=w)
-               for r, w in ((1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (2, 8))]
+SWEEP_TILES = [TileConfig(rows=r, block=1024, num_warps=w, programs_per_sm=p, max_registers=m)
+               for r, w, p, m in ((1, 2, 0, 0), (1, 2, 0, 96), (1, 2, 0, 80), (1, 4, 0, 0),
+                                  (2, 4, 0, 0), (1, 2, 8, 96))]
+
+
+def tile_name(cfg: TileConfig) -> str:
+    name = f"r{cfg.rows}w{cfg.num_warps}"
+    if cfg.max_registers:
+        name += f"m{cfg.max_registers}"
+    if cfg.programs_per_sm:
+        name += f"p{cfg.programs_per_sm}s{cfg.stages}"
+    return name
 
 
 def activation_bytes(t: int, h: int) -> int:
@@ -155,6 +172,20 @@ def _compat_call(b: dict, cfg: TileConfig | None = None, split: bool | None = No
                                l2_activation_scale=0.5, config=cfg, split=split)
 
 
+def compile_jobs(t: int, h: int, sweep: bool) -> list[Callable[[], object]]:
+    """One call of each kernel variant :func:`measure` launches at ``t`` tokens (Triton
+    specializes on ``t`` only by ``t == 1`` and divisibility by 16; compat's tile by the
+    ``GPU_MEGAMOE_TILES`` bounds)."""
+    b = buffer_sets(t, h, 1)[0]
+    jobs = [lambda: _vllm_call(b), lambda: _compat_call(b),
+            lambda: stage_nvfp4_activations_per_token(b["x"], *b["ours_out"])]
+    if sweep:
+        jobs += [lambda c=cfg: _compat_call(b, c, False) for cfg in SWEEP_TILES]
+        jobs += [lambda w=w: _compat_call(b, TileConfig(rows=1, block=1024, num_warps=w), True)
+                 for w in (4, 8)]
+    return jobs
+
+
 def measure(t: int, h: int, iters: int, reps: int, rounds: int, l2_bytes: int,
             sweep: bool = False) -> dict:
     """Each kernel timed on one buffer set (``hot``: inputs and outputs stay in L2 when they
@@ -167,6 +198,9 @@ def measure(t: int, h: int, iters: int, reps: int, rounds: int, l2_bytes: int,
                  "vllm_launch": vllm_launch(t, h),
                  "compat_tile": str(megamoe_tile(t, h, device=dev)),
                  "rotating_sets": n_rot, "rotating_working_set_bytes": nbytes * n_rot}
+    if sweep:  # how the test data splits over compat's paths
+        x = buffer_sets(t, h, 1)[0]["x"]
+        out["compat_quick_rows"] = int(quick_rows(x).sum())
     for mode, n in (("hot", 1), ("rotating", n_rot)):
         sets = buffer_sets(t, h, n)
         fns = {
@@ -178,10 +212,10 @@ def measure(t: int, h: int, iters: int, reps: int, rounds: int, l2_bytes: int,
         }
         if sweep and mode == "rotating":
             for cfg in SWEEP_TILES:
-                fns[f"compat r{cfg.rows}w{cfg.num_warps}"] = cycling(
+                fns[f"compat {tile_name(cfg)}"] = cycling(
                     sets, lambda b, c=cfg: _compat_call(b, c, False))
             if t <= 256:
-                for w in (2, 4, 8):
+                for w in (4, 8):
                     cfg = TileConfig(rows=1, block=1024, num_warps=w)
                     fns[f"compat split-w{w}"] = cycling(
                         sets, lambda b, c=cfg: _compat_call(b, c, True))
@@ -214,8 +248,20 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="copy/vllm/ours rounds (median)")
     ap.add_argument("--sweep", action="store_true", help="also time compat's tiles")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--compile-only", type=int, nargs=2, metavar=("SHARD", "SHARDS"),
+                    help="only compile (launch once) this shard of the kernels, then exit: run "
+                    "the shards in parallel processes first, the timed run then finds Triton's "
+                    "cache warm")
     a = ap.parse_args()
     vllm_staging.load()
+    if a.compile_only:
+        shard, shards = a.compile_only
+        reps = {1 if t == 1 else 16 if t <= 32 else 64 if t <= 64 else 256 for t in a.tokens}
+        jobs = [fn for t in sorted(reps) for fn in compile_jobs(t, a.hidden, a.sweep)]
+        for fn in jobs[shard::shards]:
+            fn()
+        torch.cuda.synchronize()
+        return 0
     props = torch.cuda.get_device_properties(0)
     l2 = int(getattr(props, "L2_cache_size", 0)) or 60 * 2**20
     results = [measure(t, a.hidden, a.iters, a.reps, a.rounds, l2, a.sweep) for t in a.tokens]

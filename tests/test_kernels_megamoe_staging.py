@@ -11,6 +11,8 @@ calls the kernel leaves to vLLM named with their reason.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from interpreted import interpreter_guard
@@ -117,6 +119,47 @@ def test_every_code_point_and_tie() -> None:
     x[1] = -x[1]
     out = assert_identical(x)
     assert int(out["x"][0, 16]) & 0xF == 0  # -0: code 0, no sign
+
+
+def test_quick_table_holds_at_every_scale() -> None:
+    """The quick path's multipliers (checked at construction for one binade of ``xs`` and ``SF``)
+    give vLLM's code at other binades too: exponents shifted on both, every bf16 ``x`` up to
+    6.5 · SF · xs, vLLM's two IEEE divisions against the exact product ``x · C``."""
+    ms = importlib.import_module("dsv4_nvfp4.kernels.megamoe_staging")
+    tab = ms.quick_table()
+    mult = tab[:129 * 8].view(torch.float32).reshape(129, 8).double()
+    usable = tab[:129 * 8].reshape(129, 8) != 0
+    flags = tab[129 * 8:129 * 9]
+    assert int(flags[:128].sum()) == 84 and int(flags[128]) == 1
+    assert bool(usable[flags.bool()].all())
+    r = torch.tensor(1 / 2688, dtype=torch.float32)
+    sig = torch.cat([1 + torch.arange(128, dtype=torch.float32) / 128,
+                     torch.tensor([1e-12], dtype=torch.float32)])
+    x = torch.arange(0x0080, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = x.float()  # every positive normal bf16
+    for a, sh in ((-30, -9), (-3, 4), (0, 0), (11, -2), (40, 8)):
+        amax = torch.where(torch.arange(129) < 128, sig * 2.0**a, sig)
+        xs = (torch.clamp(amax, min=1e-12) * r)[:, None, None]
+        sf = ((1 + torch.arange(8, dtype=torch.float32) / 8) * 2.0**sh)[None, :, None]
+        ok = (x <= 6.5 * sf * xs) & (x >= 0.05 * sf * xs)
+        want = ms._vllm_magnitude_codes((x / xs) / sf)
+        c = mult * 2.0 ** (-(torch.where(torch.arange(129) < 128, a, 0)[:, None] + sh))
+        got = ms._vllm_magnitude_codes(x.double() * c[..., None])
+        assert int(((got != want) & ok & usable[..., None]).sum()) == 0, (a, sh)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rows_on_the_thresholds(seed: int) -> None:
+    """Blocks of values nearest every threshold ``T · SF · xs``, for row amax significands with
+    a complete table row (the quick path) and without (vLLM's two divisions), and below the
+    floor."""
+    ms = importlib.import_module("dsv4_nvfp4.kernels.megamoe_staging")
+    flags = ms.quick_table()[129 * 8:129 * 9]
+    idx = [0, 1, 3, 5, 7, 10, 21, 42, 63, 64, 85, 96, 101, 127, 128,
+           *range(30 + seed, 128, 17)]
+    x = ms.threshold_rows(idx, 1024, seed=seed)
+    assert torch.equal(ms.quick_rows(x), flags[idx] != 0)
+    assert_identical(x, split=False)
 
 
 def test_t0_writes_only_l2_alpha() -> None:

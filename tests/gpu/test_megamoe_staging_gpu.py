@@ -30,6 +30,12 @@ from test_vllm_staging_gpu import _hash32, make_hidden, make_routing
 from dsv4_nvfp4.formats import mega_moe_stage_inputs
 from dsv4_nvfp4.kernels import TileConfig, stage_megamoe_nvfp4_inputs
 from dsv4_nvfp4.kernels._bits import div_by_reciprocal, div_rn, f32_bits
+from dsv4_nvfp4.kernels.megamoe_staging import (
+    _vllm_magnitude_codes,
+    quick_rows,
+    quick_table,
+    threshold_rows,
+)
 
 pytestmark = pytest.mark.h100
 DEV = "cuda"
@@ -114,7 +120,7 @@ def test_byte_identical_to_vllm(t: int, vllm, report: dict[str, Any]) -> None:
     diff_ref = {k: differing_bytes(ref[k], theirs[k]) for k in OUTPUTS}
     x = a["hidden_states"]
     rows = {"nonfinite_rows": int((~torch.isfinite(x.float())).any(dim=1).sum()) if t else 0,
-            "padded_rows": int(a["is_padding"].sum())}
+            "padded_rows": int(a["is_padding"].sum()), "quick_rows": int(quick_rows(x).sum())}
     report[f"megamoe staging vs vllm T={t}"] = {
         "ours_vs_vllm_differing_bytes": diff, "formats_vs_vllm_differing_bytes": diff_ref,
         "bytes": {k: theirs[k].numel() * theirs[k].element_size() for k in OUTPUTS}, **rows}
@@ -138,7 +144,11 @@ def test_without_padding_or_l2_alpha(t: int, vllm) -> None:
                                  TileConfig(rows=1, block=1024, num_warps=4),
                                  TileConfig(rows=1, block=1024, num_warps=8),
                                  TileConfig(rows=2, block=1024, num_warps=4),
-                                 TileConfig(rows=1, block=512, num_warps=4)])
+                                 TileConfig(rows=1, block=512, num_warps=4),
+                                 TileConfig(rows=1, block=1024, num_warps=2, max_registers=96),
+                                 TileConfig(rows=1, block=1024, num_warps=2, max_registers=80),
+                                 TileConfig(rows=1, block=1024, num_warps=2, programs_per_sm=8,
+                                            max_registers=96)])
 def test_tiles_give_the_same_bytes(cfg: TileConfig, vllm) -> None:
     a = call_args(515)
     theirs = stage(vllm.load().prepare_megamoe_nvfp4_inputs, a)
@@ -198,3 +208,54 @@ def test_both_launch_forms_give_the_same_bytes(t: int, split: bool, vllm) -> Non
     theirs = stage(vllm.load().prepare_megamoe_nvfp4_inputs, a)
     ours = stage(stage_megamoe_nvfp4_inputs, a, split=split)
     assert {k: differing_bytes(ours[k], theirs[k]) for k in OUTPUTS} == dict.fromkeys(OUTPUTS, 0)
+
+
+# --- the quick path: vLLM's codes from one multiplier per (amax significand, SF significand) ---
+def test_rows_on_the_thresholds(vllm, report: dict[str, Any]) -> None:
+    """Every row amax significand (and the floor), blocks of the bf16 values nearest each
+    threshold ``T · SF · xs`` for random normal block scales: 0 differing bytes, on the quick
+    path (84 significands and the floor) and on the two-division path (the other 44)."""
+    x = torch.cat([threshold_rows(list(range(129)), HIDDEN, seed=s) for s in range(8)]).to(DEV)
+    t = x.shape[0]
+    ids, weights = make_routing(t)
+    a = {"hidden_states": x, "topk_weights": weights, "topk_ids": ids, "is_padding": None,
+         "w2_global_scale": None, "l2_activation_scale": L2_SCALE}
+    theirs = stage(vllm.load().prepare_megamoe_nvfp4_inputs, a, l2=False)
+    ours = stage(stage_megamoe_nvfp4_inputs, a, l2=False)
+    diff = {k: differing_bytes(ours[k], theirs[k]) for k in OUTPUTS}
+    quick = int(quick_rows(x).sum())
+    report["megamoe threshold rows (8 x 129)"] = {"differing_bytes": diff, "quick_rows": quick,
+                                                  "rows": t}
+    assert quick == 8 * 85
+    assert diff == dict.fromkeys(OUTPUTS, 0), diff
+
+
+def test_quick_multipliers_hold_for_every_bf16_at_every_scale(report: dict[str, Any]) -> None:
+    """:func:`quick_table`'s multipliers against vLLM's two IEEE fp32 divisions (torch on the
+    GPU) for every positive bf16 ``x`` up to 6.5 · SF · xs, every table entry in use, row amax
+    exponents -39..100 and block scale exponents -6..8: the code of the exact product ``x · C``
+    (fp64) is vLLM's code in every case."""
+    tab = quick_table().to(DEV)
+    mult = tab[:129 * 8].view(torch.float32).reshape(129, 8).double()
+    usable = (tab[:129 * 8].reshape(129, 8) != 0)[..., None]
+    r = torch.tensor(1 / 2688, dtype=torch.float32, device=DEV)
+    sig = torch.cat([1 + torch.arange(128, dtype=torch.float32, device=DEV) / 128,
+                     torch.tensor([2.0**-45], device=DEV)])
+    x = torch.arange(0x0001, 0x7F80, dtype=torch.int32, device=DEV).to(torch.int16)
+    x = x.view(torch.bfloat16).float()  # every positive finite bf16, subnormals too
+    is_row = torch.arange(129, device=DEV) < 128
+    bad = cases = 0
+    for a in range(-39, 101, 7):  # 2**-39 > 1e-12: no amax under the floor
+        amax = torch.where(is_row, sig * 2.0**a, sig)
+        xs = (torch.clamp(amax, min=1e-12) * r)[:, None, None]
+        for sh in range(-6, 9):
+            sf = ((1 + torch.arange(8, dtype=torch.float32, device=DEV) / 8)
+                  * 2.0**sh)[None, :, None]
+            ok = (x <= 6.5 * sf * xs) & (x <= amax[:, None, None]) & usable
+            want = _vllm_magnitude_codes((x / xs) / sf)
+            c = mult * 2.0 ** (-(torch.where(is_row, a, 0)[:, None] + sh))
+            got = _vllm_magnitude_codes(x.double() * c[..., None])
+            bad += int(((got != want) & ok).sum())
+            cases += int(ok.sum())
+    report["megamoe quick multipliers: cases, mismatches"] = [cases, bad]
+    assert bad == 0

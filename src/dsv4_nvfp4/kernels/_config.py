@@ -20,12 +20,20 @@ class TileConfig:
     they fit (:func:`row_fits`), so the input is read once; ``False`` forces the
     two-pass kernel (row amax, then quantize, the second pass reading from L2), the
     path for rows too long for registers.
+
+    ``programs_per_sm`` (vLLM-compatible MegaMoE staging only): 0 launches one program per
+    tile; n > 0 a persistent grid of n programs per multiprocessor looping over the tiles,
+    whose loads Triton software-pipelines ``stages`` deep (1: not at all). ``max_registers``
+    (the same kernel, GPU only): a per-thread register cap (Triton's ``maxnreg``), 0 for none.
     """
 
     rows: int
     block: int
     num_warps: int = 4
     whole_row: bool = True
+    programs_per_sm: int = 0
+    stages: int = 1
+    max_registers: int = 0
 
 
 def _pow2(n: int) -> bool:
