@@ -27,11 +27,11 @@ import inspect
 import types
 from pathlib import Path
 
+import deploy_lint as lint
 import pytest
 from vllm_serve_api import VllmServeApi
 
 from dsv4_nvfp4.deploy import compose as dc
-from dsv4_nvfp4.deploy import lint
 from dsv4_nvfp4.deploy import profiles as pr
 
 ROOT = Path(__file__).resolve().parents[2]
