@@ -39,7 +39,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -56,6 +56,7 @@ from dsv4_nvfp4.serving.openai_http import (
     read_capped,
     resolve_model,
 )
+from dsv4_nvfp4.serving.smoke import CheckResult
 
 PASS, FAIL, SKIP = "ok", "FAIL", "skip"
 ANSWERS_FORMAT = 1
@@ -117,13 +118,8 @@ TINY_ANSWERS: dict = {"format": ANSWERS_FORMAT, "margin": MARGIN, "cases": {
 }}
 
 
-@dataclass
-class Result:
-    name: str
-    status: str
-    detail: str
-    seconds: float = 0.0
-    data: dict = field(default_factory=dict)
+class Result(CheckResult):
+    """A smoke-test check result (the same fields and JSON), printed as one line."""
 
     def line(self) -> str:
         return f"[{self.status:<4}] {self.name}: {self.detail} ({self.seconds:.1f} s)"
