@@ -96,7 +96,7 @@ def run_compose(
 
 #: Example values for the variables a multi-node role requires (.env.example has
 #: them commented out): `make lint` validates the roles with these.
-ROLE_EXAMPLE_ENV = {"DATA_PARALLEL_ADDRESS": "10.0.0.1", "DATA_PARALLEL_START_RANK": "8"}
+ROLE_EXAMPLE_ENV = {"DATA_PARALLEL_ADDRESS": "192.0.2.10", "DATA_PARALLEL_START_RANK": "8"}
 
 
 def run_profile_configs(root: Path) -> dict[str, subprocess.CompletedProcess[str]]:

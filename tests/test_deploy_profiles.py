@@ -107,7 +107,7 @@ def test_the_shapes(resolved: dict, profile: pr.Profile):
     assert dc.has_flag(flags, "--headless") is (not profile.serves_http)
     if profile.multinode:
         assert dc.flag_value(flags, "--data-parallel-size-local") == "8"
-        assert dc.flag_value(flags, "--data-parallel-address") == "10.0.0.1"
+        assert dc.flag_value(flags, "--data-parallel-address") == "192.0.2.10"
         assert dc.flag_value(flags, "--data-parallel-rpc-port") == "13345"
         assert dc.flag_value(flags, "--moe-backend") == "auto"
     assert (dc.flag_value(flags, "--data-parallel-start-rank") == "8") is (

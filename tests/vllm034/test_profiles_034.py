@@ -99,7 +99,7 @@ def test_engine_config_of_each_shape(engine_config, case):  # type: ignore[no-un
     assert engine_config.model_config.architecture == "DeepseekV4ForCausalLM"
     assert engine_config.speculative_config.num_speculative_tokens == 2
     if profile.multinode:
-        assert (p.data_parallel_master_ip, p.data_parallel_rpc_port) == ("10.0.0.1", 13345)
+        assert (p.data_parallel_master_ip, p.data_parallel_rpc_port) == ("192.0.2.10", 13345)
         # The leader balances over all ranks (internal LB); a worker is headless.
         assert p.data_parallel_hybrid_lb is False and p.data_parallel_external_lb is False
         assert p.all2all_backend == "allgather_reducescatter"  # NCCL between the nodes
